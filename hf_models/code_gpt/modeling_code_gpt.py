@@ -1,0 +1,214 @@
+"""CodeGPT: `LlamaForCausalLM` over VQ code sequences, with seeded class-conditional sampling.
+
+Self-contained (torch + transformers + this folder) so `register_for_auto_class` can ship it as remote code.
+"""
+
+from typing import Optional
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    UnbatchedClassifierFreeGuidanceLogitsProcessor,
+)
+from transformers.models.llama.modeling_llama import LlamaForCausalLM, LlamaPreTrainedModel
+
+from .configuration_code_gpt import CodeGPTConfig
+
+
+class CodeGPTCodeOnlyLogitsProcessor(LogitsProcessor):
+    """Sets every logit outside the code vocabulary `[0, codebook_size)` to -inf, so only codes are produced."""
+
+    def __init__(self, codebook_size: int):
+        self.codebook_size = codebook_size
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        scores = scores.clone()
+        scores[:, self.codebook_size :] = -float("inf")
+        return scores
+
+
+class CodeGPTMultinomialLogitsProcessor(LogitsProcessor):
+    """Draws one token per row from `softmax(scores)` with the caller's `generator` and returns scores that are
+    -inf everywhere except the drawn token, so greedy decoding (`do_sample=False`) emits exactly that token. All the
+    randomness of `generate_codes` therefore comes from `generator`, while `generate()` keeps the KV cache."""
+
+    def __init__(self, generator: Optional[torch.Generator] = None):
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float(), dim=-1)  # (B, V)
+        device = self.generator.device if self.generator is not None else probs.device
+        drawn = torch.multinomial(probs.to(device), 1, generator=self.generator).to(scores.device)  # (B, 1)
+        out = torch.full_like(scores, -float("inf"))
+        return out.scatter_(1, drawn, 0.0)
+
+
+class CodeGPTPreTrainedModel(LlamaPreTrainedModel):
+    config_class = CodeGPTConfig
+
+
+class CodeGPTForCausalLM(LlamaForCausalLM):
+    r"""
+    [`LlamaForCausalLM`] with a [`CodeGPTConfig`]; `forward(input_ids, labels=...)` is Llama's (shifted CE loss,
+    labels `-100` ignored), `generate()`, the KV cache and gradient checkpointing are transformers'.
+
+    Example:
+
+    ```python
+    >>> model = CodeGPTForCausalLM(CodeGPTConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    ...                                          num_attention_heads=4))
+    >>> codes = model.generate_codes(torch.tensor([3, 7]), temperature=0.8, top_k=32,
+    ...                              generator=torch.Generator().manual_seed(0))  # (2, 49) in [0, 256)
+    ```
+    """
+
+    config_class = CodeGPTConfig
+
+    def build_prompt(self, class_labels: Optional[torch.LongTensor], batch_size: Optional[int] = None):
+        """`[class][BOS]` rows `(B, 2)` (or `[BOS]` `(B, 1)` for an unconditional model) on the model's device."""
+        config = self.config
+        if config.num_classes > 0:
+            if class_labels is None:
+                raise ValueError(f"class_labels are required: the model has num_classes={config.num_classes}")
+            class_labels = torch.as_tensor(class_labels, device=self.device)
+            if class_labels.dim() != 1 or class_labels.is_floating_point():
+                raise ValueError(f"class_labels must be a 1-D integer tensor, got shape {tuple(class_labels.shape)}")
+            if class_labels.numel() == 0:
+                raise ValueError("class_labels is empty")
+            low, high = int(class_labels.min()), int(class_labels.max())
+            if low < 0 or high >= config.num_classes:
+                raise ValueError(
+                    f"class_labels must lie in [0, num_classes={config.num_classes}), got values in [{low}, {high}]"
+                )
+            classes = class_labels.long() + config.class_token_offset
+            bos = torch.full_like(classes, config.bos_token_id)
+            return torch.stack([classes, bos], dim=1)  # (B, 2)
+        if class_labels is not None:
+            raise ValueError("class_labels must be None for an unconditional model (num_classes=0)")
+        if batch_size is None or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is invalid for an unconditional model: expected an int >= 1")
+        return torch.full((batch_size, 1), config.bos_token_id, dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def generate_codes(
+        self,
+        class_labels: Optional[torch.LongTensor] = None,
+        num_codes: Optional[int] = None,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        guidance_scale: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        max_context: Optional[int] = None,
+        use_cache: bool = True,
+        batch_size: Optional[int] = None,
+    ) -> torch.LongTensor:
+        r"""
+        Sample code sequences `(B, num_codes)` in `[0, codebook_size)`.
+
+        Args:
+            class_labels (`torch.LongTensor` of shape `(B,)`): classes in `[0, num_classes)`; `None` (with
+                `batch_size`) for an unconditional model.
+            num_codes (`int`, *optional*, defaults to `config.num_codes`).
+            temperature (`float`, > 0), top_k (`int`, >= 1), top_p (`float`, in (0, 1]): transformers'
+                `TemperatureLogitsWarper` / `TopKLogitsWarper` / `TopPLogitsWarper`, applied over the codes only.
+            guidance_scale (`float`, *optional*): classifier-free guidance
+                `log p_uncond + s (log p_cond - log p_uncond)` with the null class prompt as the unconditional one
+                (transformers' `UnbatchedClassifierFreeGuidanceLogitsProcessor`); `None` or 1 disables it.
+            generator (`torch.Generator`, *optional*): the only source of randomness; same seed, same codes.
+            max_context (`int`, *optional*, defaults to `config.max_context`): sliding window. When the sequence
+                would exceed it, generation continues in chunks from the last tokens only; each token is then
+                predicted from between `max_context // 2` and `max_context` tokens of context.
+            use_cache (`bool`): KV cache on or off; gives the same tokens for the same generator seed.
+            batch_size (`int`, *optional*): rows to draw for an unconditional model.
+        """
+        config = self.config
+        num_codes = config.num_codes if num_codes is None else num_codes
+        max_context = config.max_context if max_context is None else max_context
+        if not isinstance(num_codes, int) or num_codes < 1:
+            raise ValueError(f"num_codes={num_codes!r} is invalid: expected an int >= 1")
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature!r} is invalid: expected temperature > 0")
+        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k={top_k!r} is invalid: expected an int >= 1 or None")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p={top_p!r} is invalid: expected 0 < top_p <= 1 or None")
+        use_guidance = guidance_scale is not None and guidance_scale != 1
+        if use_guidance and config.num_classes == 0:
+            raise ValueError(f"guidance_scale={guidance_scale!r} needs a class-conditional model (num_classes > 0)")
+        prompt = self.build_prompt(class_labels, batch_size)  # (B, P)
+        if not isinstance(max_context, int) or max_context < prompt.shape[1]:
+            raise ValueError(f"max_context={max_context!r} is invalid: expected an int >= {prompt.shape[1]}")
+
+        sequence = prompt
+        remaining = num_codes
+        first = True
+        while remaining > 0:
+            if first and prompt.shape[1] + remaining - 1 <= max_context:
+                new = remaining  # fits in one window: plain generate() over the whole sequence
+            elif first:
+                new = max_context - prompt.shape[1] + 1  # fill the first window
+            else:
+                new = min(remaining, max(1, max_context // 2))
+            first = False
+            # the last forward pass sees context + new - 1 tokens <= max_context
+            context = sequence[:, -(max_context - new + 1) :]
+            sequence = torch.cat(
+                [sequence, self._generate_chunk(context, new, temperature, top_k, top_p,
+                                                guidance_scale if use_guidance else None, generator, use_cache)],
+                dim=1,
+            )
+            remaining -= new
+        return sequence[:, prompt.shape[1] :]
+
+    def _generate_chunk(self, context, new, temperature, top_k, top_p, guidance_scale, generator, use_cache):
+        config = self.config
+        processors = LogitsProcessorList()
+        if guidance_scale is not None:
+            # the unconditional prompt is the same context with the class token (if still in the window) nulled
+            unconditional = context.clone()
+            is_class = (unconditional >= config.class_token_offset) & (unconditional < config.null_class_token_id)
+            unconditional[is_class] = config.null_class_token_id
+            processors.append(
+                UnbatchedClassifierFreeGuidanceLogitsProcessor(
+                    guidance_scale,
+                    self,
+                    unconditional_ids=unconditional,
+                    unconditional_attention_mask=torch.ones_like(unconditional),
+                    use_cache=use_cache,
+                )
+            )
+        processors.append(CodeGPTCodeOnlyLogitsProcessor(config.codebook_size))
+        if temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(float(temperature)))
+        if top_k is not None:
+            processors.append(TopKLogitsWarper(top_k=min(top_k, config.codebook_size)))
+        if top_p is not None and top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p=float(top_p)))
+        processors.append(CodeGPTMultinomialLogitsProcessor(generator))  # last: draws the token
+
+        output = self.generate(
+            input_ids=context,
+            attention_mask=torch.ones_like(context),
+            logits_processor=processors,
+            do_sample=False,
+            num_beams=1,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            use_cache=use_cache,
+            bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+        )
+        return output[:, context.shape[1] :]  # (B, new)
+
+
+__all__ = [
+    "CodeGPTCodeOnlyLogitsProcessor",
+    "CodeGPTMultinomialLogitsProcessor",
+    "CodeGPTPreTrainedModel",
+    "CodeGPTForCausalLM",
+]
