@@ -1,0 +1,18 @@
+"""Task registry: ``task: <name>`` in an experiment file picks one of these."""
+
+from __future__ import annotations
+
+import importlib
+
+from ..arguments import ConfigError
+
+TASKS = {
+    "code_image": "trainers.tasks.code_image:CodeImageTask",
+}
+
+
+def build_task(config):
+    if config.task not in TASKS:
+        raise ConfigError(f"task={config.task!r} is not a latentheat system; available: {', '.join(sorted(TASKS))}")
+    module, cls = TASKS[config.task].split(":")
+    return getattr(importlib.import_module(module), cls)(config)

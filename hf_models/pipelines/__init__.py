@@ -1,0 +1,3 @@
+from .pipeline_code_image import CodeImagePipeline
+
+__all__ = ["CodeImagePipeline"]

@@ -1,0 +1,452 @@
+"""AccelerateTrainer: one training loop for every latentheat system, on any accelerate config.
+
+Follows diffusers' training examples and accelerate's ``by_feature`` scripts: one ``Accelerator``,
+``prepare``, ``accumulate``, clipping and EMA on ``sync_gradients``, ``checkpoint-{step}`` folders
+written with ``save_state`` and resumed with ``load_state`` + ``skip_first_batches``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .arguments import ConfigError, ExperimentConfig, TrainingArguments
+from .checkpointing import (
+    CheckpointError,
+    find_resume_checkpoint,
+    mark_stage_complete,
+    prune_checkpoints,
+    read_trainer_state,
+    stage_is_complete,
+    write_checkpoint_manifest,
+)
+from .tasks import build_task
+from .tasks.base import Stage, Task
+
+logger = get_logger(__name__)
+
+
+class TrainingStopped(RuntimeError):
+    """Raised when training cannot go on (e.g. a non-finite loss). The last good checkpoint is kept."""
+
+
+def _step_seed(*parts: int) -> int:
+    digest = hashlib.sha256(",".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "/"))
+        elif isinstance(value, (int, float, str, bool)):
+            out[name] = value
+        elif value is not None:
+            out[name] = str(value)
+    return out
+
+
+def available_trackers(requested: list[str]) -> list[str]:
+    """Check the requested trackers are installed; unknown names and missing packages are errors."""
+    import importlib.util
+
+    packages = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "trackio": "trackio", "comet_ml": "comet_ml", "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+    if requested == ["all"]:
+        return [name for name, pkg in packages.items() if importlib.util.find_spec(pkg) is not None]
+    out = []
+    for name in requested:
+        if name not in packages:
+            raise ConfigError(f"training.report_to has unknown tracker {name!r}; allowed: {', '.join(packages)}, all, none")
+        if importlib.util.find_spec(packages[name]) is None:
+            raise ConfigError(f"training.report_to asks for {name!r} but the package '{packages[name]}' is not installed (pip install 'latentheat[trackers]')")
+        out.append(name)
+    return out
+
+
+class _SignalFlag:
+    """Remembers SIGTERM so the loop can checkpoint at the next step boundary and exit cleanly."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def install(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not in the main thread
+            self._previous = None
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class AccelerateTrainer:
+    """Train every stage of a task with 🤗 Accelerate, then export the pipeline and its card.
+
+    Example::
+
+        from trainers.arguments import load_config
+        from trainers.accelerate_trainer import AccelerateTrainer
+        cfg = load_config("configs/experiments/code_image_mnist_tiny.yaml", ["--training.output_dir", "outputs/tiny"])
+        results = AccelerateTrainer(cfg).train()
+    """
+
+    def __init__(self, config: ExperimentConfig, task: Optional[Task] = None):
+        self.config = config
+        self.task = task or build_task(config)
+        args = config.training
+        self.output_dir = Path(args.output_dir)
+        trackers = available_trackers(args.trackers)
+        if config.peft.enabled:
+            raise ConfigError("peft.enabled=true: LoRA training is not available in this release yet; set peft.enabled=false")
+        self.accelerator = Accelerator(
+            mixed_precision=args.mixed_precision,
+            log_with=trackers or None,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        )
+        self.has_trackers = bool(trackers)
+        self.signal_flag = _SignalFlag()
+
+    # ------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        acc = self.accelerator
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        acc.wait_for_everyone()
+        if self.has_trackers:
+            acc.init_trackers(self.task.name, config=_flatten(self.config.to_dict()))
+        self.signal_flag.install()
+        models = {}
+        try:
+            for index, stage in enumerate(self.task.stages()):
+                model = self.train_stage(stage, index)
+                if model is None:  # stopped by SIGTERM after a checkpoint
+                    return {"stopped": True}
+                models[stage.name] = model
+            results = self.task.finalize(acc, models)
+            if acc.is_main_process:
+                self._write_run_files(results)
+            acc.wait_for_everyone()
+            if self.config.hub.push and acc.is_main_process:
+                from .hub import push_to_hub
+
+                hub = self.config.hub
+                push_to_hub(self.output_dir, hub.repo_id, private=hub.private, token=hub.token, commit_message=hub.commit_message)
+            return results
+        finally:
+            self.signal_flag.restore()
+            if self.has_trackers:
+                acc.end_training()
+
+    def _write_run_files(self, results: dict):
+        import yaml
+
+        (self.output_dir / "eval_results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        from .hub import write_model_card
+
+        write_model_card(self.output_dir, self.task.family, eval_results=results, config=self.config.to_dict())
+
+    # ------------------------------------------------------------------------------------------
+    def _build_optimizer(self, model, args: TrainingArguments):
+        params = [p for p in model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.ndim >= 2]
+        no_decay = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+    def _any_process(self, *flags: bool) -> list[bool]:
+        """OR each flag over all processes (one small all-reduce) so every rank takes the same branch."""
+        values = torch.tensor([1.0 if f else 0.0 for f in flags], device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        return [bool(v > 0) for v in values.tolist()]
+
+    def train_stage(self, stage: Stage, stage_index: int):
+        acc = self.accelerator
+        args = self.config.stage_training(stage.name)
+        ckpt_root = self.output_dir / "checkpoints" / stage.name
+        final_dir = self.output_dir / stage.name
+        resume = args.resume_from_checkpoint
+        if resume is not None and stage_is_complete(ckpt_root, final_dir):
+            logger.info(f"stage {stage.name}: already complete in {final_dir}, loading it")
+            return stage.load(str(final_dir))
+
+        if resume is None and acc.is_main_process:
+            shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run never mixes with an older run's checkpoints
+        set_seed(args.seed + stage_index)
+        acc.gradient_accumulation_steps = args.gradient_accumulation_steps
+        with acc.main_process_first():
+            train_dataset, eval_dataset = stage.build_datasets(acc)
+        collate = stage.collate_fn()
+        train_dl = DataLoader(
+            train_dataset,
+            batch_size=args.per_device_train_batch_size,
+            shuffle=True,
+            drop_last=True,
+            collate_fn=collate,
+            num_workers=args.dataloader_num_workers,
+        )
+        eval_dl = None
+        if eval_dataset is not None:
+            eval_dl = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, shuffle=False, collate_fn=collate)
+
+        model = stage.build_model()
+        if args.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ConfigError(f"training.gradient_checkpointing=true but {type(model).__name__} does not support it")
+            model.gradient_checkpointing_enable()
+        optimizer = self._build_optimizer(model, args)
+        lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
+        ema = None
+        if args.use_ema:
+            from diffusers.training_utils import EMAModel
+
+            ema = EMAModel(model.parameters(), decay=args.ema_decay)
+        if eval_dl is not None:
+            model, optimizer, train_dl, eval_dl = acc.prepare(model, optimizer, train_dl, eval_dl)
+        else:
+            model, optimizer, train_dl = acc.prepare(model, optimizer, train_dl)
+        acc.register_for_checkpointing(lr_scheduler)
+        if ema is not None:
+            ema.to(acc.device)
+            acc.register_for_checkpointing(ema)
+
+        if len(train_dl) == 0:
+            raise ConfigError(
+                f"stage {stage.name}: the training set ({len(train_dataset)} items) gives no full batch of "
+                f"{args.per_device_train_batch_size} per process on {acc.num_processes} process(es)"
+            )
+
+        global_step = 0
+        if resume is not None:
+            path = find_resume_checkpoint(ckpt_root, resume, skip_corrupt=args.skip_corrupt_checkpoints, stage=stage.name)
+            if path is not None:
+                acc.load_state(str(path))
+                global_step = read_trainer_state(path)["global_step"]
+                logger.info(f"stage {stage.name}: resumed from {path} at step {global_step}")
+
+        micro_per_epoch = len(train_dl)
+        first_epoch, skip_batches = divmod(global_step * args.gradient_accumulation_steps, micro_per_epoch)
+        total_batch = args.per_device_train_batch_size * acc.num_processes * args.gradient_accumulation_steps
+        logger.info("***** Running training *****")
+        logger.info(f"  Stage = {stage.name} ({stage_index + 1}/{len(self.task.stages())})")
+        logger.info(f"  Num examples = {len(train_dataset)}")
+        logger.info(f"  Num processes = {acc.num_processes}")
+        logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
+        logger.info(f"  Total train batch size (w. parallel & accumulation) = {total_batch}")
+        logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
+        logger.info(f"  Total optimization steps = {args.max_steps}")
+
+        progress = tqdm(
+            range(args.max_steps),
+            initial=global_step,
+            desc=f"{stage.name}",
+            disable=args.disable_progress_bar or not acc.is_local_main_process,
+            dynamic_ncols=True,
+        )
+        index_log = None
+        if args.record_data_indices:
+            log_dir = self.output_dir / "logs"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            index_log = open(log_dir / f"data_indices_{stage.name}_rank{acc.process_index}.txt", "a")
+
+        model.train()
+        window_loss, window_items, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
+        window_logs: dict = {}
+        micro_step = global_step * args.gradient_accumulation_steps
+        stopped = False
+        epoch = first_epoch
+        try:
+            while global_step < args.max_steps and not stopped:
+                if hasattr(train_dl, "set_epoch"):
+                    train_dl.set_epoch(epoch)
+                active = acc.skip_first_batches(train_dl, skip_batches) if (epoch == first_epoch and skip_batches) else train_dl
+                for batch in active:
+                    if index_log is not None and "index" in batch:
+                        index_log.write(" ".join(str(int(i)) for i in batch["index"].tolist()) + "\n")
+                    with acc.accumulate(model):
+                        gen = torch.Generator(device="cpu").manual_seed(_step_seed(args.seed, stage_index, micro_step, acc.process_index))
+                        out = stage.compute_loss(model, batch, gen)
+                        (nonfinite,) = self._any_process(not bool(torch.isfinite(out.loss.detach()).all()))
+                        if nonfinite:
+                            last = find_resume_checkpoint(ckpt_root, "latest", skip_corrupt=True, stage=stage.name, must_exist=False)
+                            raise TrainingStopped(
+                                f"stage {stage.name}: non-finite loss ({out.loss.item()}) at step {global_step + 1}; "
+                                f"training stopped. Last good checkpoint: {last or 'none'} (resume with "
+                                f"--training.resume_from_checkpoint latest after lowering the learning rate)"
+                            )
+                        acc.backward(out.loss)
+                        if acc.sync_gradients and args.max_grad_norm is not None:
+                            acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                        optimizer.step()
+                        if acc.sync_gradients:
+                            lr_scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    micro_step += 1
+                    window_loss += out.loss.detach().float().item()
+                    window_items += out.num_items
+                    window_steps += 1
+                    for key, value in out.logs.items():
+                        window_logs[key] = window_logs.get(key, 0.0) + float(value)
+                    if not acc.sync_gradients:
+                        continue
+                    global_step += 1
+                    progress.update(1)
+                    if ema is not None:
+                        ema.step(model.parameters())
+
+                    if global_step % args.logging_steps == 0 or global_step == args.max_steps:
+                        elapsed = max(time.perf_counter() - window_start, 1e-9)
+                        logs = {f"{stage.name}/train/loss": window_loss / window_steps, f"{stage.name}/train/lr": lr_scheduler.get_last_lr()[0]}
+                        logs.update({f"{stage.name}/train/{k}": v / window_steps for k, v in window_logs.items()})
+                        logs[f"{stage.name}/train/{stage.throughput_unit}_per_second"] = window_items * acc.num_processes / elapsed
+                        if self.has_trackers:
+                            acc.log(logs, step=global_step)
+                        progress.set_postfix(loss=f"{window_loss / window_steps:.4f}", lr=f"{logs[f'{stage.name}/train/lr']:.2e}", **{f"{stage.throughput_unit[:3]}/s": f"{logs[f'{stage.name}/train/{stage.throughput_unit}_per_second']:.0f}"})
+                        window_loss, window_items, window_steps, window_start, window_logs = 0.0, 0, 0, time.perf_counter(), {}
+
+                    if args.eval_steps and global_step % args.eval_steps == 0 and global_step < args.max_steps and eval_dl is not None:
+                        self._evaluate(stage, model, eval_dl, global_step, ema)
+                    if args.sample_steps and global_step % args.sample_steps == 0 and global_step < args.max_steps:
+                        self._samples(stage, model, global_step, ema)
+                    if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < args.max_steps:
+                        self._save_checkpoint(ckpt_root, global_step, stage, args, epoch)
+
+                    (term,) = self._any_process(self.signal_flag.received)
+                    if term:
+                        logger.info(f"SIGTERM received: writing a checkpoint at step {global_step} and stopping")
+                        self._save_checkpoint(ckpt_root, global_step, stage, args, epoch)
+                        stopped = True
+                        break
+                    if global_step >= args.max_steps:
+                        break
+                epoch += 1
+        finally:
+            progress.close()
+            if index_log is not None:
+                index_log.close()
+        if stopped:
+            return None
+
+        if eval_dl is not None:
+            self._evaluate(stage, model, eval_dl, global_step, ema)
+        unwrapped = acc.unwrap_model(model)
+        if ema is not None:
+            ema.copy_to(unwrapped.parameters())
+        self._samples(stage, model, global_step, None)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            tmp = final_dir.with_name(final_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            stage.save(unwrapped, str(tmp))
+            shutil.rmtree(final_dir, ignore_errors=True)
+            os.replace(tmp, final_dir)
+            mark_stage_complete(ckpt_root, global_step)
+        acc.wait_for_everyone()
+        acc.free_memory()
+        acc._custom_objects.clear()  # free_memory keeps objects registered for checkpointing
+        unwrapped.eval()
+        return unwrapped
+
+    # ------------------------------------------------------------------------------------------
+    def _with_ema(self, model, ema):
+        """Context: swap EMA weights in for evaluation when EMA is on."""
+        import contextlib
+
+        if ema is None:
+            return contextlib.nullcontext()
+
+        @contextlib.contextmanager
+        def swap():
+            params = list(self.accelerator.unwrap_model(model).parameters())
+            ema.store(params)
+            ema.copy_to(params)
+            try:
+                yield
+            finally:
+                ema.restore(params)
+
+        return swap()
+
+    def _evaluate(self, stage: Stage, model, eval_dl, step: int, ema):
+        model.eval()
+        with self._with_ema(model, ema):
+            metrics = stage.evaluate(model, eval_dl, self.accelerator)
+        model.train()
+        if metrics:
+            logs = {f"{stage.name}/eval/{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}
+            logger.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+            if self.has_trackers:
+                self.accelerator.log(logs, step=step)
+        return metrics
+
+    def _samples(self, stage: Stage, model, step: int, ema):
+        acc = self.accelerator
+        if acc.is_main_process:
+            model.eval()
+            with self._with_ema(model, ema):
+                grid = stage.sample_grid(acc.unwrap_model(model), acc)
+            model.train()
+            if grid is not None:
+                sample_dir = self.output_dir / "logs" / "samples"
+                sample_dir.mkdir(parents=True, exist_ok=True)
+                grid.save(sample_dir / f"{stage.name}-step{step:06d}.png")
+                if self.has_trackers:
+                    import numpy as np
+
+                    array = np.asarray(grid.convert("RGB"))[None]
+                    for tracker in acc.trackers:
+                        if tracker.name == "tensorboard":
+                            tracker.log_images({f"{stage.name}/samples": array}, step=step, dataformats="NHWC")
+        acc.wait_for_everyone()
+
+    def _save_checkpoint(self, root: Path, step: int, stage: Stage, args: TrainingArguments, epoch: int):
+        acc = self.accelerator
+        final = root / f"checkpoint-{step}"
+        tmp = root / f".checkpoint-{step}.tmp"
+        if acc.is_main_process:
+            root.mkdir(parents=True, exist_ok=True)
+            if args.save_total_limit is not None:
+                prune_checkpoints(root, keep=args.save_total_limit - 1)
+            shutil.rmtree(tmp, ignore_errors=True)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {
+                "global_step": step,
+                "epoch": epoch,
+                "stage": stage.name,
+                "training": dataclasses.asdict(args),
+                "experiment": self.config.to_dict(),
+                "num_processes": acc.num_processes,
+            }
+            write_checkpoint_manifest(tmp, state)
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            logger.info(f"saved {final}")
+        acc.wait_for_everyone()
