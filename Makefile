@@ -1,0 +1,36 @@
+# latentheat: make demo | make test | make bench   (each sets up .venv itself)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.latentheat-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-slow bench clean
+
+install: $(STAMP)
+
+# torch first, pinned: it is a local CPU wheel here; any other torch request pulls a CUDA build
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m trainers.train \
+		configs/experiments/code_image_mnist.yaml --training.output_dir outputs/demo
+	@echo "samples: outputs/demo/samples.png   metrics: outputs/demo/eval_results.json"
+	@cat outputs/demo/eval_results.json
+
+test: install
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+test-slow: install
+	$(PY) -m pytest -q -ra -m slow $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/generation.py
+	$(PY) benchmarks/trainer_overhead.py
+
+clean:
+	rm -rf outputs .pytest_cache
