@@ -110,6 +110,18 @@ class VQTokenizerConfig(PretrainedConfig):
         self.initializer_range = float(initializer_range)
         super().__init__(**kwargs)
 
+    def to_dict(self):
+        output = super().to_dict()
+        # transformers' `custom_object_save` treats any class whose name contains "Tokenizer" as a text tokenizer
+        # and writes its auto_map entry as a (slow, fast) pair; these are models, so store the plain class path.
+        auto_map = output.get("auto_map")
+        if auto_map:
+            output["auto_map"] = {
+                key: next(v for v in value if v) if isinstance(value, (list, tuple)) and key != "AutoTokenizer" else value
+                for key, value in auto_map.items()
+            }
+        return output
+
     @property
     def hidden_size(self) -> int:
         """Widest feature width (the last encoder stage); read by DeepSpeed's "auto" bucket sizes."""

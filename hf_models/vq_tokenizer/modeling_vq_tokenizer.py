@@ -229,6 +229,13 @@ class VQTokenizerPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["VQTokenizerResBlock", "VQTokenizerQuantizer"]
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """Also registers the config class, so the saved `auto_map` names both and
+        `AutoModel.from_pretrained(path, trust_remote_code=True)` works without latentheat installed."""
+        cls.config_class.register_for_auto_class("AutoConfig")
+        super().register_for_auto_class(auto_class)
+
     @torch.no_grad()
     def _init_weights(self, module):
         if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
@@ -337,7 +344,7 @@ class VQTokenizerModel(VQTokenizerPreTrainedModel):
 
         In training mode the codebook's EMA statistics are updated and dead codes restarted.
         """
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         latents = self.encode_latents(pixel_values)  # (B, D, h, w)
         quant = self.quantizer(latents)
         reconstruction = self.decoder(quant.quantized)  # (B, C, H, W)
