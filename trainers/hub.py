@@ -53,7 +53,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
             "bits_per_code": "CodeGPT negative log-likelihood of test code sequences, in bits per code",
             "recon_psnr": "PSNR (dB) of VQ tokenizer reconstructions of test images (higher is better)",
         },
-        "components": [("vq_tokenizer", "VQTokenizerModel"), ("code_gpt", "CodeGPTForCausalLM")],
+        "components": [
+            ("vq_tokenizer", "VQTokenizerModel", "AutoModel"),
+            ("code_gpt", "CodeGPTForCausalLM", "AutoModelForCausalLM"),
+        ],
     },
 }
 
@@ -90,7 +93,7 @@ NON_METRIC_KEYS = {"step", "steps", "global_step", "epoch", "epochs", "runtime",
 
 def _is_metric(name: str) -> bool:
     last = name.rsplit("/", 1)[-1]
-    return last not in NON_METRIC_KEYS and not last.endswith(("_seconds", "_runtime"))
+    return last not in NON_METRIC_KEYS and not last.startswith("num_") and not last.endswith(("_seconds", "_runtime"))
 
 
 def _lookup(metrics: dict[str, float], name: str) -> float | None:
@@ -126,23 +129,35 @@ def _read_yaml(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _components(output_dir: Path, defaults: list[tuple[str, str]]) -> list[dict[str, str]]:
-    """Models to load with `AutoModel`: from `model_index.json` (diffusers pipeline folder) when present."""
+def _auto_class(config_path: Path) -> str:
+    """The transformers Auto class a saved model registered for (`auto_map`), `AutoModel` by default."""
+    auto_map = (_read_json(config_path) or {}).get("auto_map") or {}
+    for name in auto_map:
+        if name.startswith("AutoModel"):
+            return name
+    return "AutoModel"
+
+
+def _components(output_dir: Path, defaults: list[tuple[str, str, str]]) -> list[dict[str, str]]:
+    """Models to load with transformers: from `model_index.json` (diffusers pipeline folder) when present."""
     model_index = _read_json(output_dir / "model_index.json")
     if model_index:
         out = []
         for name, spec in model_index.items():
             if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[1] is None:
                 continue
-            if (output_dir / name / "config.json").is_file() and "Scheduler" not in str(spec[1]):
-                out.append({"name": name, "subfolder": name, "class_name": spec[1]})
+            config_path = output_dir / name / "config.json"
+            if config_path.is_file() and "Scheduler" not in str(spec[1]):
+                out.append({"name": name, "subfolder": name, "class_name": spec[1],
+                            "auto_class": _auto_class(config_path)})
         if out:
             return out
     if (output_dir / "config.json").is_file():
         cfg = _read_json(output_dir / "config.json") or {}
         arch = (cfg.get("architectures") or ["model"])[0]
-        return [{"name": "model", "subfolder": "", "class_name": arch}]
-    return [{"name": name, "subfolder": name, "class_name": cls} for name, cls in defaults]
+        return [{"name": "model", "subfolder": "", "class_name": arch,
+                 "auto_class": _auto_class(output_dir / "config.json")}]
+    return [{"name": name, "subfolder": name, "class_name": cls, "auto_class": auto} for name, cls, auto in defaults]
 
 
 def render_model_card(
