@@ -67,6 +67,13 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
 
     config_class = CodeGPTConfig
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModelForCausalLM"):
+        """Also registers the config class, so the saved `auto_map` names both and
+        `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` works without latentheat installed."""
+        cls.config_class.register_for_auto_class("AutoConfig")
+        super().register_for_auto_class(auto_class)
+
     def build_prompt(self, class_labels: Optional[torch.LongTensor], batch_size: Optional[int] = None):
         """`[class][BOS]` rows `(B, 2)` (or `[BOS]` `(B, 1)` for an unconditional model) on the model's device."""
         config = self.config
@@ -162,7 +169,7 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
                 dim=1,
             )
             remaining -= new
-        return sequence[:, prompt.shape[1] :]
+        return sequence[:, prompt.shape[1] :].contiguous()
 
     def _generate_chunk(self, context, new, temperature, top_k, top_p, guidance_scale, generator, use_cache):
         config = self.config

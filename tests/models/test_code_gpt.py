@@ -1,0 +1,353 @@
+"""CodeGPTForCausalLM: token layout, training signal, save/load, remote code, seeded sampling."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
+from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
+
+from hf_models.code_gpt import CodeGPTConfig, CodeGPTForCausalLM
+
+
+torch.set_num_threads(1)
+
+
+class CodeGPTModelTester:
+    def get_config(self, **overrides):
+        kwargs = dict(
+            codebook_size=16,
+            num_classes=3,
+            num_codes=9,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+        )
+        kwargs.update(overrides)
+        return CodeGPTConfig(**kwargs)
+
+    def get_model(self, seed=0, **overrides):
+        torch.manual_seed(seed)
+        return CodeGPTForCausalLM(self.get_config(**overrides)).eval()
+
+    def get_batch(self, config, batch_size=4, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        codes = torch.randint(0, config.codebook_size, (batch_size, config.num_codes), generator=generator)
+        classes = torch.randint(0, config.num_classes, (batch_size, 1), generator=generator) + config.class_token_offset
+        bos = torch.full((batch_size, 1), config.bos_token_id)
+        eos = torch.full((batch_size, 1), config.eos_token_id)
+        return torch.cat([classes, bos, codes, eos], dim=1)
+
+
+tester = CodeGPTModelTester()
+
+
+def expected_num_parameters(config):
+    """Llama by formula: embeddings + per layer (q, k, v, o, gate/up/down, 2 RMSNorms) + final norm + LM head."""
+    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    kv = config.num_key_value_heads * config.head_dim
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    lm_head = 0 if config.tie_word_embeddings else v * h
+    return v * h + config.num_hidden_layers * per_layer + h + lm_head
+
+
+def test_token_layout():
+    config = CodeGPTConfig()
+    k, c = 256, 10
+    assert config.vocab_size == k + c + 5 == 271
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (k, k + 1, k + 2)
+    assert config.class_token_offset == k + 3 and config.class_token_id(4) == k + 3 + 4
+    assert config.null_class_token_id == k + 3 + c and config.invalid_code_token_id == k + 3 + c + 1
+    assert config.sequence_length == 52 and config.max_context == 1024
+    unconditional = CodeGPTConfig(num_classes=0)
+    assert unconditional.vocab_size == k + 5 and unconditional.prompt_length == 1
+    with pytest.raises(ValueError, match="class_label"):
+        config.class_token_id(10)
+
+
+def test_config_round_trip_and_auto(tmp_path):
+    config = tester.get_config(num_key_value_heads=2, max_context=16)
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, CodeGPTConfig)
+    strip = lambda d: {k: v for k, v in d.items() if k != "_name_or_path"}  # noqa: E731
+    assert strip(loaded.to_dict()) == strip(config.to_dict())
+    assert loaded.num_key_value_heads == 2 and loaded.max_context == 16 and loaded.vocab_size == 24
+    assert CodeGPTConfig(codebook_size=16, num_classes=3, vocab_size=24).vocab_size == 24  # consistent is accepted
+    assert isinstance(AutoModelForCausalLM.from_config(loaded), CodeGPTForCausalLM)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("vocab_size", 100),
+        ("bos_token_id", 0),
+        ("pad_token_id", 3),
+        ("codebook_size", 0),
+        ("num_classes", -1),
+        ("num_codes", 0),
+        ("invalid_code_policy", "drop"),
+        ("class_dropout_prob", 1.0),
+        ("max_context", 1),
+        ("max_context", 2048),
+        ("num_attention_heads", 5),
+    ],
+)
+def test_config_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        CodeGPTConfig(**{field: value})
+
+
+def test_is_llama_and_forward_shapes():
+    model = tester.get_model()
+    assert isinstance(model, LlamaForCausalLM)
+    input_ids = tester.get_batch(model.config)
+    out = model(input_ids=input_ids, labels=input_ids)
+    assert list(out.keys())[0] == "loss" and out.loss.dim() == 0
+    assert out.logits.shape == (4, 12, model.config.vocab_size)
+
+
+def test_loss_falls_on_fixed_batch():
+    model = tester.get_model().train()
+    input_ids = tester.get_batch(model.config, batch_size=8)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_gradient_checkpointing_runs():
+    model = tester.get_model().train()
+    model.activation_checkpointing_enable()
+    input_ids = tester.get_batch(model.config)
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_save_and_load_pretrained(tmp_path):
+    model = tester.get_model()
+    model.save_pretrained(tmp_path)
+    files = os.listdir(tmp_path)
+    assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
+    loaded = CodeGPTForCausalLM.from_pretrained(tmp_path).eval()
+    input_ids = tester.get_batch(model.config)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids).logits, loaded(input_ids).logits)
+    labels = torch.tensor([0, 2])
+    a = model.generate_codes(labels, generator=torch.Generator().manual_seed(3))
+    b = loaded.generate_codes(labels, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+
+
+REMOTE_SCRIPT = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class _Block(importlib.abc.MetaPathFinder):  # simulate a user without latentheat installed
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("hf_models", "trainers"):
+                raise ModuleNotFoundError(name)
+    sys.meta_path.insert(0, _Block())
+    try:
+        import hf_models  # noqa: F401
+        raise SystemExit("hf_models importable")
+    except ModuleNotFoundError:
+        pass
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    assert type(model).__name__ == "CodeGPTForCausalLM", type(model)
+    assert "hf_models" not in type(model).__module__, type(model).__module__
+    input_ids = load_file(sys.argv[2])["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids).logits
+    codes = model.generate_codes(torch.tensor([1, 2]), generator=torch.Generator().manual_seed(5))
+    save_file({"logits": logits.contiguous(), "codes": codes}, sys.argv[3])
+    """
+)
+
+
+def test_remote_code_loads_without_latentheat(tmp_path):
+    model = tester.get_model()
+    model.register_for_auto_class("AutoModelForCausalLM")
+    model.save_pretrained(tmp_path / "repo")
+    files = set(os.listdir(tmp_path / "repo"))
+    assert {"configuration_code_gpt.py", "modeling_code_gpt.py", "model.safetensors"} <= files
+    input_ids = tester.get_batch(model.config)
+    save_file({"input_ids": input_ids}, tmp_path / "x.safetensors")
+    (tmp_path / "script.py").write_text(REMOTE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "script.py"), str(tmp_path / "repo"), str(tmp_path / "x.safetensors"),
+         str(tmp_path / "out.safetensors")],
+        cwd=work, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = load_file(tmp_path / "out.safetensors")
+    with torch.no_grad():
+        assert torch.allclose(out["logits"], model(input_ids).logits, atol=1e-5)
+    expected = model.generate_codes(torch.tensor([1, 2]), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out["codes"], expected)
+
+
+def test_seed_config_on_meta_device():
+    config = CodeGPTConfig()
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (512, 2048, 8)
+    assert (config.num_attention_heads, config.max_position_embeddings) == (8, 1024)
+    with torch.device("meta"):
+        model = CodeGPTForCausalLM(config)
+    assert model.num_parameters() == expected_num_parameters(config)
+    assert tester.get_model().num_parameters() == expected_num_parameters(tester.get_config())
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+def test_generate_codes_seeded_and_only_codes():
+    model = tester.get_model()
+    labels = torch.tensor([0, 1, 2, 1])
+    a = model.generate_codes(labels, generator=torch.Generator().manual_seed(0))
+    b = model.generate_codes(labels, generator=torch.Generator().manual_seed(0))
+    c = model.generate_codes(labels, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (4, 9) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert int(a.min()) >= 0 and int(a.max()) < 16
+    longer = model.generate_codes(labels, num_codes=20, generator=torch.Generator().manual_seed(0))
+    assert longer.shape == (4, 20) and int(longer.max()) < 16
+
+
+def test_only_codes_even_when_specials_dominate():
+    model = tester.get_model()
+
+    def favour_specials(module, args, logits):  # a model that prefers EOS/PAD/class tokens by a wide margin
+        logits = logits.clone()
+        logits[..., 16:] += 100.0
+        return logits
+
+    handle = model.lm_head.register_forward_hook(favour_specials)
+    try:
+        codes = model.generate_codes(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert codes.shape == (2, 9) and int(codes.max()) < 16 and int(codes.min()) >= 0
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {},
+        {"temperature": 0.7, "top_k": 5},
+        {"top_p": 0.8},
+        {"max_context": 5},
+        {"guidance_scale": 2.0},
+        {"guidance_scale": 1.5, "max_context": 6, "top_k": 8},
+    ],
+)
+def test_use_cache_false_equals_true(kwargs):
+    model = tester.get_model()
+    labels = torch.tensor([0, 2, 1])
+    cached = model.generate_codes(labels, generator=torch.Generator().manual_seed(7), use_cache=True, **kwargs)
+    uncached = model.generate_codes(labels, generator=torch.Generator().manual_seed(7), use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)
+
+
+def test_sliding_window_limits_context():
+    model = tester.get_model()
+    seen = []
+    handle = model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(
+            (kwargs.get("input_ids") if kwargs.get("input_ids") is not None else args[0]).shape[1]
+        ),
+        with_kwargs=True,
+    )
+    try:
+        codes = model.generate_codes(
+            torch.tensor([0, 1]), num_codes=30, max_context=6, use_cache=False,
+            generator=torch.Generator().manual_seed(0),
+        )
+    finally:
+        handle.remove()
+    assert codes.shape == (2, 30) and int(codes.max()) < 16
+    assert max(seen) <= 6 and len(seen) == 30  # one full forward per token, never longer than the window
+    # a window that holds the whole sequence gives the plain (single generate call) result
+    full = model.generate_codes(torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0))
+    wide = model.generate_codes(torch.tensor([0, 1]), max_context=11, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(full, wide)
+
+
+def test_classifier_free_guidance_runs(monkeypatch):
+    model = tester.get_model()
+    calls = []
+    original = UnbatchedClassifierFreeGuidanceLogitsProcessor.get_unconditional_logits
+
+    def spy(self, input_ids):
+        calls.append(self.unconditional_context["input_ids"].clone() if not calls else None)
+        return original(self, input_ids)
+
+    monkeypatch.setattr(UnbatchedClassifierFreeGuidanceLogitsProcessor, "get_unconditional_logits", spy)
+    labels = torch.tensor([0, 2])
+    guided = model.generate_codes(labels, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert guided.shape == (2, 9) and int(guided.max()) < 16
+    assert len(calls) == 9  # one unconditional pass per generated token
+    null = model.config.null_class_token_id
+    assert torch.equal(calls[0], torch.tensor([[null, 16], [null, 16]]))  # [null][BOS] prompt
+    again = model.generate_codes(labels, guidance_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(guided, again)
+
+
+def test_top_k_1_is_greedy():
+    model = tester.get_model()
+    labels = torch.tensor([0, 1, 2])
+    sampled = model.generate_codes(labels, top_k=1, generator=torch.Generator().manual_seed(0))
+    sequence = model.build_prompt(labels)
+    with torch.no_grad():
+        for _ in range(9):
+            logits = model(sequence).logits[:, -1, :16]  # best code
+            sequence = torch.cat([sequence, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(sampled, sequence[:, 2:])
+
+
+def test_unconditional_model():
+    model = tester.get_model(num_classes=0)
+    codes = model.generate_codes(None, batch_size=3, generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (3, 9) and int(codes.max()) < 16
+    with pytest.raises(ValueError, match="guidance"):
+        model.generate_codes(None, batch_size=2, guidance_scale=2.0)
+    with pytest.raises(ValueError, match="class_labels"):
+        model.generate_codes(torch.tensor([0]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"class_labels": torch.tensor([3])}, "class_labels"),
+        ({"class_labels": torch.tensor([-1])}, "class_labels"),
+        ({"class_labels": None}, "class_labels"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"num_codes": 0}, "num_codes"),
+        ({"max_context": 1}, "max_context"),
+    ],
+)
+def test_generate_codes_validation(kwargs, match):
+    model = tester.get_model()
+    kwargs = {"class_labels": torch.tensor([0]), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        model.generate_codes(**kwargs)
