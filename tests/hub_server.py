@@ -4,7 +4,8 @@ Implements the part of the Hub HTTP API that an unmodified `huggingface_hub` 2.4
 diffusers on top of it) uses to create a repo, push files and load them back, when it is pointed here with
 `HF_ENDPOINT=http://127.0.0.1:PORT`, `HF_HUB_DISABLE_XET=1` and any `HF_TOKEN`:
 
-- `POST /api/repos/create`, `POST /api/repos/delete`, `GET /api/whoami-v2`, `POST /api/validate-yaml`
+- `POST /api/repos/create`, `POST /api/repos/delete`, `GET /api/whoami-v2`, `POST /api/validate-yaml`,
+  `GET /api/agent-harnesses` (empty registry)
 - `GET /api/{type}s/{repo_id}[/revision/{rev}]`                  (`model_info` / `repo_info`, `siblings`, `sha`)
 - `GET /api/{type}s/{repo_id}/tree/{rev}[/{path}]`               (`list_repo_tree`, `list_repo_files`; cursor pages)
 - `POST /api/{type}s/{repo_id}/paths-info/{rev}`                 (`get_paths_info`)
@@ -457,6 +458,8 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             rest = parts[1:]
             if rest == ["whoami-v2"] and m == "GET":
                 return self.whoami()
+            if rest == ["agent-harnesses"] and m == "GET":  # the client's user-agent registry: an empty one
+                return self.send_json({"standardEnvVars": [], "harnesses": {}})
             if rest == ["validate-yaml"] and m == "POST":
                 return self.validate_yaml()
             if rest == ["repos", "create"] and m == "POST":
