@@ -326,6 +326,7 @@ class AccelerateTrainer:
                         logs[f"{stage.name}/train/{stage.throughput_unit}_per_second"] = window_items * acc.num_processes / elapsed
                         if self.has_trackers:
                             acc.log(logs, step=global_step)
+                        self._log_history(stage, global_step, logs)
                         progress.set_postfix(loss=f"{window_loss / window_steps:.4f}", lr=f"{logs[f'{stage.name}/train/lr']:.2e}", **{f"{stage.throughput_unit[:3]}/s": f"{logs[f'{stage.name}/train/{stage.throughput_unit}_per_second']:.0f}"})
                         window_loss, window_items, window_steps, window_start, window_logs = 0.0, 0, 0, time.perf_counter(), {}
 
@@ -392,6 +393,16 @@ class AccelerateTrainer:
 
         return swap()
 
+    def _log_history(self, stage: Stage, step: int, logs: dict):
+        """Append the logged scalars to ``logs/log_history.jsonl`` (the HF Trainer's ``log_history``)."""
+        if self.accelerator.is_main_process:
+            path = self.output_dir / "logs" / "log_history.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            prefix = f"{stage.name}/"
+            record = {"stage": stage.name, "step": step, **{k[len(prefix):]: v for k, v in logs.items()}}
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
     def _evaluate(self, stage: Stage, model, eval_dl, step: int, ema):
         model.eval()
         with self._with_ema(model, ema):
@@ -402,6 +413,7 @@ class AccelerateTrainer:
             logger.info(f"step {step}: " + ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
             if self.has_trackers:
                 self.accelerator.log(logs, step=step)
+            self._log_history(stage, step, logs)
         return metrics
 
     def _samples(self, stage: Stage, model, step: int, ema):

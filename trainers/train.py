@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec"):
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "fsspec", "accelerate.checkpointing", "accelerate.accelerator"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _set_threads(config.training.num_threads)
     from .accelerate_trainer import TrainingStopped

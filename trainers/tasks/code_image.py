@@ -154,7 +154,9 @@ class CodeImageTask(Task):
         vq, gpt = models["vq_tokenizer"], models["code_gpt"]
         results = {}
         if accelerator.is_main_process:
+            vq.config.register_for_auto_class()
             vq.register_for_auto_class("AutoModel")
+            gpt.config.register_for_auto_class()
             gpt.register_for_auto_class("AutoModelForCausalLM")
             pipe = CodeImagePipeline(vq_tokenizer=vq, code_gpt=gpt)
             pipe.set_progress_bar_config(disable=True)

@@ -1,0 +1,182 @@
+"""End-to-end training of the code-image system: one process, two processes, resume, faults."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "experiments" / "code_image_mnist_tiny.yaml")
+
+
+def run_train(output_dir, *overrides, launcher=None, check=True, timeout=600, env=None):
+    cmd = list(launcher or [sys.executable]) + ["-m", "trainers.train", TINY, "--training.output_dir", str(output_dir), "--training.disable_progress_bar", "true", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def history(output_dir, stage):
+    path = Path(output_dir) / "logs" / "log_history.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in rows if r["stage"] == stage and "loss" in r]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    run_train(out, "--training.logging_steps", "1")
+    return out
+
+
+def test_tiny_run_writes_the_output_folder(tiny_run):
+    out = tiny_run
+    for name in ("model_index.json", "README.md", "eval_results.json", "samples.png", "config.yaml", "vq_tokenizer/model.safetensors", "code_gpt/model.safetensors"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.bin")) or all("checkpoints" in str(p) for p in out.rglob("*.bin"))  # weights are safetensors
+    results = json.loads((out / "eval_results.json").read_text())
+    for key in ("fid", "fid_floor", "class_accuracy", "bits_per_code", "recon_psnr"):
+        assert isinstance(results[key], float) and results[key] == results[key], key
+    assert 0.0 <= results["class_accuracy"] <= 1.0
+    assert results["fid"] > results["fid_floor"] > 0
+    # the code GPT learned something: fewer bits per code than a uniform draw over the codebook
+    codebook = json.loads((out / "vq_tokenizer" / "config.json").read_text())["codebook_size"]
+    assert results["bits_per_code"] < torch.log2(torch.tensor(float(codebook))).item()
+    card = (out / "README.md").read_text()
+    assert "model-index" in card and "class_accuracy" in card
+    # losses fell in both stages
+    for stage in ("vq_tokenizer", "code_gpt"):
+        losses = [r["loss"] for r in history(out, stage)]
+        assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, (stage, losses)
+    # tensorboard events were written
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+
+
+def test_pipeline_from_output_folder_is_deterministic(tiny_run):
+    from hf_models.pipelines import CodeImagePipeline
+
+    pipe = CodeImagePipeline.from_pretrained(str(tiny_run))
+    pipe.set_progress_bar_config(disable=True)
+    a = pipe(class_labels=[1, 7], num_images_per_label=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    b = pipe(class_labels=[1, 7], num_images_per_label=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
+    c = pipe(class_labels=[1, 7], num_images_per_label=2, generator=torch.Generator().manual_seed(1), output_type="pt").images
+    assert a.shape == (4, 1, 28, 28) and torch.equal(a, b) and not torch.equal(a, c)
+    assert 0.0 <= a.min() and a.max() <= 1.0
+    pil = pipe(class_labels=3, generator=torch.Generator().manual_seed(0)).images
+    assert len(pil) == 1 and pil[0].size == (28, 28)
+    (codes,) = pipe(class_labels=[0, 9], output_type="latent", return_dict=False, generator=torch.Generator().manual_seed(0))
+    assert codes.shape == (2, 7, 7) and codes.dtype == torch.long
+    with pytest.raises(ValueError, match="class_labels"):
+        pipe(class_labels=[10])
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(class_labels=[1], output_type="jpeg")
+
+
+def test_remote_code_loads_without_latentheat(tiny_run, tmp_path):
+    """AutoModel(..., trust_remote_code=True) from the output folder with hf_models unimportable."""
+    script = f"""
+import sys
+sys.modules['hf_models'] = None  # latentheat is not installed for this user
+sys.modules['trainers'] = None
+import torch
+from transformers import AutoModel, AutoModelForCausalLM
+vq = AutoModel.from_pretrained({str(tiny_run / 'vq_tokenizer')!r}, trust_remote_code=True)
+gpt = AutoModelForCausalLM.from_pretrained({str(tiny_run / 'code_gpt')!r}, trust_remote_code=True)
+assert type(vq).__module__.startswith('transformers_modules'), type(vq).__module__
+x = torch.zeros(2, 1, 28, 28)
+codes = vq.encode(x)
+print(tuple(codes.shape), type(gpt).__name__)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(2, 7, 7) CodeGPTForCausalLM" in proc.stdout
+
+
+@pytest.mark.distributed
+def test_two_processes_see_disjoint_data(tmp_path):
+    out = tmp_path / "ddp"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    run_train(out, "--training.record_data_indices", "true", "--stages.code_gpt.max_steps", "5", launcher=launcher)
+    seen = []
+    for rank in (0, 1):
+        rows = (out / "logs" / f"data_indices_vq_tokenizer_rank{rank}.txt").read_text().split()
+        seen.append([int(i) for i in rows])
+    # 20 steps x 32 per rank = 640 of the 1024 indices each rank owns in the first epoch
+    assert len(seen[0]) == len(seen[1]) == 20 * 32
+    assert not set(seen[0]) & set(seen[1]), "ranks trained on the same samples"
+    assert len(set(seen[0])) == len(seen[0])
+    assert json.loads((out / "eval_results.json").read_text())["bits_per_code"] > 0
+
+
+@pytest.mark.parametrize("stage", ["vq_tokenizer", "code_gpt"])
+def test_resume_continues_the_same_loss_curve(tiny_run, tmp_path, stage):
+    """2N steps straight vs N + resume + N: same losses at every step after the resume (fp32, 1e-6)."""
+    straight = history(tiny_run, stage)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tiny_run, resumed)
+    # roll back to checkpoint-10 of `stage`: later stages and the final export are gone
+    stages = ["vq_tokenizer", "code_gpt"]
+    for later in stages[stages.index(stage):]:
+        shutil.rmtree(resumed / later)
+        (resumed / "checkpoints" / later / "stage_complete.json").unlink()
+        if later != stage:
+            shutil.rmtree(resumed / "checkpoints" / later)
+    (resumed / "logs" / "log_history.jsonl").unlink()
+    run_train(resumed, "--training.logging_steps", "1", "--training.resume_from_checkpoint", "latest")
+    after = history(resumed, stage)
+    assert [r["step"] for r in after] == list(range(11, 21))
+    for a, b in zip(after, straight[10:]):
+        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+
+
+def test_corrupt_checkpoint_is_reported_not_loaded(tiny_run, tmp_path):
+    run = tmp_path / "corrupt"
+    shutil.copytree(tiny_run, run)
+    shutil.rmtree(run / "code_gpt")
+    (run / "checkpoints" / "code_gpt" / "stage_complete.json").unlink()
+    ckpt = run / "checkpoints" / "code_gpt" / "checkpoint-10"
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = run_train(run, "--training.resume_from_checkpoint", "latest", check=False)
+    assert proc.returncode != 0
+    assert "checkpoint-10 is corrupt" in proc.stderr and "model.safetensors" in proc.stderr
+    assert not (run / "code_gpt").exists()
+    # with skip_corrupt_checkpoints the stage restarts from scratch (no older checkpoint is left)
+    proc = run_train(run, "--training.resume_from_checkpoint", "latest", "--training.skip_corrupt_checkpoints", "true")
+    assert (run / "code_gpt" / "model.safetensors").is_file()
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    proc = run_train(out, "--stages.vq_tokenizer.learning_rate", "1e30", "--training.max_grad_norm", "null", "--training.checkpointing_steps", "1", check=False)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "non-finite loss" in proc.stderr and "Last good checkpoint" in proc.stderr
+    assert not (out / "vq_tokenizer").exists() and not (out / "model_index.json").exists()
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    out = tmp_path / "term"
+    cmd = [sys.executable, "-m", "trainers.train", TINY, "--training.output_dir", str(out), "--training.disable_progress_bar", "true",
+           "--stages.vq_tokenizer.max_steps", "100000", "--training.logging_steps", "1", "--training.checkpointing_steps", "0"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "logs" / "log_history.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (log.is_file() and log.read_text().count("\n") >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    ckpts = list((out / "checkpoints" / "vq_tokenizer").glob("checkpoint-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").is_file()
+    from trainers.checkpointing import verify_checkpoint
+
+    state = verify_checkpoint(ckpts[0])
+    assert 3 <= state["global_step"] < 100000
