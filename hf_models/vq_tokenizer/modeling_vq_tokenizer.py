@@ -96,11 +96,13 @@ class VQTokenizerQuantizer(nn.Module):
 
     def nearest_codes(self, flat: torch.Tensor) -> torch.LongTensor:
         """flat `(N, D)` -> index of the nearest codebook vector `(N,)` in squared Euclidean distance."""
-        codebook = self.codebook.float()
-        flat = flat.float()
-        # ||z||^2 - 2 z.e + ||e||^2, (N, K)
-        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None, :]
-        return distances.argmin(dim=1)
+        # fp32 even under autocast: bf16 distances pick the wrong code
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            codebook = self.codebook.float()
+            flat = flat.float()
+            # ||z||^2 - 2 z.e + ||e||^2, (N, K)
+            distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.t() + codebook.pow(2).sum(1)[None, :]
+            return distances.argmin(dim=1)
 
     def lookup(self, codes: torch.LongTensor) -> torch.FloatTensor:
         """codes `(...)` -> code vectors `(..., D)`."""
@@ -108,7 +110,10 @@ class VQTokenizerQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, codes: torch.LongTensor) -> None:
-        flat = flat.float()
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            self._ema_update_fp32(flat.float(), codes)
+
+    def _ema_update_fp32(self, flat: torch.Tensor, codes: torch.LongTensor) -> None:
         one_hot = F.one_hot(codes, self.codebook_size).float()  # (N, K)
         counts = one_hot.sum(0)  # (K,)
         embed_sum = one_hot.t() @ flat  # (K, D)

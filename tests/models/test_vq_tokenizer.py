@@ -308,3 +308,50 @@ def test_config_round_trip_and_auto(tmp_path):
 def test_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         VQTokenizerConfig(**{field: value})
+
+
+def test_autocast_bf16_forward_keeps_fp32_codes():
+    model = tester.get_model().eval()
+    x = tester.get_pixel_values()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        latents = model.encode_latents(x)
+        codes = model.quantize(latents)
+        out = model(x)
+    assert torch.equal(codes, model.quantize(latents.float()))
+    assert torch.isfinite(out.loss)
+
+
+def _ddp_worker(rank, world_size, init_file, result_file):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model = DistributedDataParallel(tester.get_model(seed=0).train())
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for step in range(3):
+            x = tester.get_pixel_values(seed=10 * step + rank)  # different data per rank
+            loss = model(x).loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        quantizer = model.module.quantizer
+        state = torch.cat([quantizer.codebook.flatten(), quantizer.ema_cluster_size, quantizer.ema_embed_sum.flatten()])
+        gathered = [torch.zeros_like(state) for _ in range(world_size)]
+        dist.all_gather(gathered, state)
+        if rank == 0:
+            torch.save(torch.stack(gathered), result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_ddp_two_processes_keep_identical_codebooks(tmp_path):
+    """EMA statistics are all-reduced and restarts broadcast, so ranks agree even without DDP's buffer broadcast."""
+    import torch.multiprocessing as mp
+
+    result = tmp_path / "state.pt"
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(result)), nprocs=2, join=True)
+    states = torch.load(result, weights_only=True)
+    assert torch.equal(states[0], states[1])
