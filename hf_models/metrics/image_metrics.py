@@ -121,7 +121,11 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
         raise ValueError(f"need at least 2 samples per set, got {len(a)} and {len(b)}")
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
+    with warnings.catch_warnings():
+        # post-ReLU features have dead units, so the product is often singular; sqrtm still returns a finite
+        # root then, and the offset below handles the cases where it does not
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():
         offset = np.eye(len(cov_a)) * eps
         covmean = scipy.linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
@@ -181,7 +185,7 @@ def predicted_class_entropy(
     _, logits = classifier_features(images, judge, value_range=value_range)
     counts = np.bincount(logits.argmax(-1), minlength=logits.shape[1]).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
-    return float(-(p * np.log(p)).sum() / np.log(base))
+    return float(abs(-(p * np.log(p)).sum() / np.log(base)))  # abs: no -0.0 for a single class
 
 
 def psnr(

