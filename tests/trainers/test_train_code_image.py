@@ -27,7 +27,7 @@ def run_train(output_dir, *overrides, launcher=None, check=True, timeout=600, en
 def history(output_dir, stage):
     path = Path(output_dir) / "logs" / "log_history.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    return [r for r in rows if r["stage"] == stage and "loss" in r]
+    return [r for r in rows if r["stage"] == stage and "train/loss" in r]
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,7 @@ def test_tiny_run_writes_the_output_folder(tiny_run):
     assert "model-index" in card and "class_accuracy" in card
     # losses fell in both stages
     for stage in ("vq_tokenizer", "code_gpt"):
-        losses = [r["loss"] for r in history(out, stage)]
+        losses = [r["train/loss"] for r in history(out, stage)]
         assert len(losses) == 20 and sum(losses[-5:]) / 5 < sum(losses[:5]) / 5, (stage, losses)
     # tensorboard events were written
     assert list((out / "logs").rglob("events.out.tfevents.*"))
@@ -134,7 +134,7 @@ def test_resume_continues_the_same_loss_curve(tiny_run, tmp_path, stage):
     after = history(resumed, stage)
     assert [r["step"] for r in after] == list(range(11, 21))
     for a, b in zip(after, straight[10:]):
-        assert abs(a["loss"] - b["loss"]) <= 1e-6, (a, b)
+        assert abs(a["train/loss"] - b["train/loss"]) <= 1e-6, (a, b)
 
 
 def test_corrupt_checkpoint_is_reported_not_loaded(tiny_run, tmp_path):
