@@ -180,3 +180,48 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
 
     state = verify_checkpoint(ckpts[0])
     assert 3 <= state["global_step"] < 100000
+
+
+def test_push_then_load_pipeline_and_remote_code_from_the_hub(tiny_run, hub_server, tmp_path):
+    """trainers.push to the loopback Hub, then load back into fresh caches in new processes."""
+    import textwrap
+
+    from tests.conftest import hub_env
+
+    repo_id = "latentheat-test/code-image-tiny"
+    push = subprocess.run([sys.executable, "-m", "trainers.push", str(tiny_run), repo_id], cwd=REPO, capture_output=True, text=True, timeout=300, env=hub_env(hub_server, tmp_path))
+    assert push.returncode == 0, push.stderr[-3000:]
+
+    from hf_models.pipelines import CodeImagePipeline
+
+    local = CodeImagePipeline.from_pretrained(str(tiny_run))
+    local.set_progress_bar_config(disable=True)
+    expected = local(class_labels=[2, 5], generator=torch.Generator().manual_seed(3), output_type="pt").images
+    torch.save(expected, tmp_path / "expected.pt")
+
+    load_pipeline = textwrap.dedent(f"""
+        import torch
+        from hf_models.pipelines import CodeImagePipeline
+        pipe = CodeImagePipeline.from_pretrained({repo_id!r})
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe(class_labels=[2, 5], generator=torch.Generator().manual_seed(3), output_type="pt").images
+        assert torch.equal(images, torch.load({str(tmp_path / 'expected.pt')!r})), "hub pipeline differs from the local one"
+        print("pipeline ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", load_pipeline], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=hub_env(hub_server, tmp_path))
+    assert proc.returncode == 0 and "pipeline ok" in proc.stdout, proc.stderr[-3000:]
+
+    remote_code = textwrap.dedent(f"""
+        import sys
+        sys.modules['hf_models'] = None  # a user without latentheat
+        sys.modules['trainers'] = None
+        import torch
+        from transformers import AutoModel, AutoModelForCausalLM
+        vq = AutoModel.from_pretrained({repo_id!r}, subfolder="vq_tokenizer", trust_remote_code=True)
+        gpt = AutoModelForCausalLM.from_pretrained({repo_id!r}, subfolder="code_gpt", trust_remote_code=True)
+        codes = gpt.generate_codes(torch.tensor([4]), generator=torch.Generator().manual_seed(0))
+        image = vq.decode(codes.view(1, 7, 7))
+        print("remote ok", tuple(image.shape))
+    """)
+    proc = subprocess.run([sys.executable, "-c", remote_code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=hub_env(hub_server, tmp_path))
+    assert proc.returncode == 0 and "remote ok (1, 1, 28, 28)" in proc.stdout, proc.stderr[-3000:]
