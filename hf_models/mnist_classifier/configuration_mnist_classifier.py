@@ -11,8 +11,8 @@ class MNISTClassifierConfig(PretrainedConfig):
         conv_channels (`list[int]`, *optional*, defaults to `[32, 64, 128]`): output channels of the
             conv blocks (each conv 3x3 -> BatchNorm -> ReLU -> 2x2 max-pool).
         hidden_size (`int`, *optional*, defaults to 128): width of the penultimate layer (the FID features).
-        dropout (`float`, *optional*, defaults to 0.1): dropout after each conv block.
-        classifier_dropout (`float`, *optional*, defaults to 0.4): dropout before the two linear layers.
+        dropout (`float`, *optional*, defaults to 0.05): dropout after each conv block.
+        classifier_dropout (`float`, *optional*, defaults to 0.25): dropout before the two linear layers.
         num_labels (`int`, *optional*, defaults to 10): number of classes; labels are "0".."9" by default.
     """
 
@@ -24,8 +24,8 @@ class MNISTClassifierConfig(PretrainedConfig):
         image_size=28,
         conv_channels=(32, 64, 128),
         hidden_size=128,
-        dropout=0.1,
-        classifier_dropout=0.4,
+        dropout=0.05,
+        classifier_dropout=0.25,
         num_labels=10,
         **kwargs,
     ):
