@@ -81,6 +81,19 @@ def available_trackers(requested: list[str]) -> list[str]:
     return out
 
 
+def use_cpu_backend() -> bool:
+    """Run gloo DDP on CPU when several processes were launched on a machine without CUDA.
+
+    accelerate only picks its MULTI_CPU mode when told ``cpu=True``; a ``torchrun`` or
+    ``accelerate launch --multi_gpu`` start on a CPU-only machine would otherwise leave every
+    rank training alone on all the data.
+    """
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return True
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world > 1 and not torch.cuda.is_available()
+
+
 class _SignalFlag:
     """Remembers SIGTERM so the loop can checkpoint at the next step boundary and exit cleanly."""
 
@@ -122,6 +135,7 @@ class AccelerateTrainer:
         if config.peft.enabled:
             raise ConfigError("peft.enabled=true: LoRA training is not available in this release yet; set peft.enabled=false")
         self.accelerator = Accelerator(
+            cpu=use_cpu_backend(),
             mixed_precision=args.mixed_precision,
             log_with=trackers or None,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
@@ -209,6 +223,9 @@ class AccelerateTrainer:
             drop_last=True,
             collate_fn=collate,
             num_workers=args.dataloader_num_workers,
+            # its own generator: creating an iterator must not draw from the global RNG, or a resumed
+            # run (which creates one more iterator after load_state) would drift from an uninterrupted one
+            generator=torch.Generator().manual_seed(args.seed),
         )
         eval_dl = None
         if eval_dataset is not None:

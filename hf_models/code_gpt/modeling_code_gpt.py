@@ -6,7 +6,8 @@ Self-contained (torch + transformers + this folder) so `register_for_auto_class`
 from typing import Optional
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+# PreTrainedModel is imported so diffusers finds its loading method when this module is a pipeline component
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedModel  # noqa: F401
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,

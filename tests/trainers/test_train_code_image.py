@@ -103,7 +103,8 @@ print(tuple(codes.shape), type(gpt).__name__)
 @pytest.mark.distributed
 def test_two_processes_see_disjoint_data(tmp_path):
     out = tmp_path / "ddp"
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    # accelerate 1.15: `--cpu --num_processes 2` starts one process; the config file starts two (see its comment)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml")]
     run_train(out, "--training.record_data_indices", "true", "--stages.code_gpt.max_steps", "5", launcher=launcher)
     seen = []
     for rank in (0, 1):
