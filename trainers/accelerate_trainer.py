@@ -262,8 +262,11 @@ class AccelerateTrainer:
         if resume is not None:
             path = find_resume_checkpoint(ckpt_root, resume, skip_corrupt=args.skip_corrupt_checkpoints, stage=stage.name)
             if path is not None:
+                state = read_trainer_state(path)
+                if state.get("stage") != stage.name:
+                    raise CheckpointError(f"{path} is a checkpoint of stage {state.get('stage')!r}, not of {stage.name!r} (the stage being trained)")
                 acc.load_state(str(path))
-                global_step = read_trainer_state(path)["global_step"]
+                global_step = state["global_step"]
                 logger.info(f"stage {stage.name}: resumed from {path} at step {global_step}")
 
         micro_per_epoch = len(train_dl)

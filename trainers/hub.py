@@ -48,7 +48,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "dataset_split": "test",
         "metrics": {
             "fid": "Fréchet distance between classifier features of samples and of test images (lower is better)",
-            "fid_floor": "the same FID between two sets of real test images: the floor for this sample size",
+            "fid_floor": "the same FID between real test and real train images: the floor for this sample size",
             "class_accuracy": "share of samples the MNIST classifier assigns to the class they were drawn for",
             "bits_per_code": "CodeGPT negative log-likelihood of test code sequences, in bits per code",
             "recon_psnr": "PSNR (dB) of VQ tokenizer reconstructions of test images (higher is better)",

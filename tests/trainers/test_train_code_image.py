@@ -222,3 +222,41 @@ def test_push_then_load_pipeline_and_remote_code_from_the_hub(tiny_run, hub_serv
     """)
     proc = subprocess.run([sys.executable, "-c", remote_code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=hub_env(hub_server, tmp_path))
     assert proc.returncode == 0 and "remote ok (1, 1, 28, 28)" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_training_options_ema_accumulation_bf16_periodic_eval_and_hub_push(tmp_path, hub_server):
+    """EMA, gradient accumulation, bf16 autocast, periodic eval/sample grids, pruning and hub.push in one run."""
+    from tests.conftest import hub_env
+
+    out = tmp_path / "options"
+    repo_id = "latentheat-test/options-run"
+    run_train(
+        out,
+        "--training.use_ema", "true", "--training.ema_decay", "0.9",
+        "--training.gradient_accumulation_steps", "2",
+        "--training.mixed_precision", "bf16",
+        "--training.eval_steps", "5", "--training.sample_steps", "5",
+        "--training.checkpointing_steps", "4", "--training.save_total_limit", "2",
+        "--training.logging_steps", "1",
+        "--hub.push", "true", "--hub.repo_id", repo_id,
+        env=hub_env(hub_server, tmp_path),
+    )
+    # accumulation: 20 optimizer steps of 2 micro-batches each
+    rows = history(out, "vq_tokenizer")
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    evals = [json.loads(l) for l in (out / "logs" / "log_history.jsonl").read_text().splitlines() if "eval/recon_psnr" in l]
+    assert [r["step"] for r in evals] == [5, 10, 15, 20]
+    grids = sorted(p.name for p in (out / "logs" / "samples").glob("vq_tokenizer-step*.png"))
+    assert grids == ["vq_tokenizer-step000005.png", "vq_tokenizer-step000010.png", "vq_tokenizer-step000015.png", "vq_tokenizer-step000020.png"]
+    # pruning keeps the newest two of checkpoint-4/8/12/16
+    assert sorted(p.name for p in (out / "checkpoints" / "vq_tokenizer").glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-16"]
+    # the EMA state is part of each checkpoint
+    assert list((out / "checkpoints" / "vq_tokenizer" / "checkpoint-16").glob("custom_checkpoint_1.*"))
+    # pushed: the repo on the loopback Hub holds the card and the pipeline
+    import urllib.request
+
+    with urllib.request.urlopen(f"{hub_server.url}/api/models/{repo_id}") as response:
+        info = json.loads(response.read())
+    pushed = {s["rfilename"] for s in info["siblings"]}
+    assert {"model_index.json", "README.md", "eval_results.json", "samples.png", "code_gpt/model.safetensors"} <= pushed
+    assert not any(f.startswith(("checkpoints/", "logs/")) for f in pushed)
