@@ -279,11 +279,12 @@ def build_lattice_graph(
     block_size: int,
     skip_connections=(),
     latents_per_block: int = 0,
+    width: Optional[int] = None,
 ) -> IsingGraph:
     """The DTM graph (see `lattice_edges`) with a greedy colouring of the visible sites in raster order (channel
     fastest, so the channels of one pixel get different colours) and one extra colour, updated first, for all
-    latent spins."""
-    C, H, W = num_channels, image_size, image_size
+    latent spins. Images are `image_size x image_size`, or `image_size x width` when `width` is given."""
+    C, H, W = num_channels, image_size, (image_size if width is None else width)
     num_visible = C * H * W
     num_latent = latents_per_block * (H // block_size) * (W // block_size)
     edges = lattice_edges(C, H, W, window, block_size, skip_offsets(skip_connections, block_size), latents_per_block)
