@@ -374,15 +374,14 @@ def gibbs_sweeps(
             tables.append((sites, nbr.flatten(), nbr.shape, w, h[sites].contiguous()))
         for _ in range(num_sweeps):
             for sites, nbr, (n_c, D), w, h_c in tables:
-                s_nb = s.index_select(0, nbr).view(n_c, D, B)
+                s_nb = s.index_select(0, nbr).view(n_c, D, B)  # neighbour spins of this colour's sites
                 if shared:
-                    f = torch.bmm(w, s_nb).squeeze(1)  # (n_c, B)
+                    f = torch.baddbmm(h_c.unsqueeze(1), w, s_nb).squeeze(1)  # (n_c, B) = h + J s
                 else:
-                    f = (s_nb * w).sum(1)
-                f = f + h_c  # local fields of this colour
-                u = _uniform(f.shape, generator, device, dtype=torch.float32)
-                spins = (u < torch.sigmoid(2.0 * f).float()).to(compute_dtype) * 2.0 - 1.0
-                s.index_copy_(0, sites, spins)
+                    f = (s_nb * w).sum(1).add_(h_c)
+                p_up = torch.sigmoid_(f.mul_(2.0))  # P(s_i = +1 | rest) = sigmoid(2 f_i)
+                u = _uniform(p_up.shape, generator, device, dtype=p_up.dtype)
+                s.index_copy_(0, sites, torch.where(u < p_up, 1.0, -1.0).to(compute_dtype))
     return s[:-1].t().to(out_dtype).contiguous()
 
 
