@@ -260,3 +260,19 @@ def test_training_options_ema_accumulation_bf16_periodic_eval_and_hub_push(tmp_p
     pushed = {s["rfilename"] for s in info["siblings"]}
     assert {"model_index.json", "README.md", "eval_results.json", "samples.png", "code_gpt/model.safetensors"} <= pushed
     assert not any(f.startswith(("checkpoints/", "logs/")) for f in pushed)
+
+
+def test_evaluate_cli_reevaluates_a_finished_run(tiny_run, tmp_path):
+    run = tmp_path / "eval"
+    shutil.copytree(tiny_run, run)
+    before = json.loads((run / "eval_results.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(run), "--evaluation.guidance_scale", "2.0", "--write"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    printed = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert printed["evaluation/guidance_scale"] == 2.0 and 0.0 <= printed["class_accuracy"] <= 1.0
+    after = json.loads((run / "eval_results.json").read_text())
+    assert after["class_accuracy"] == printed["class_accuracy"] and after["bits_per_code"] == before["bits_per_code"]
+    bad = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(run), "--evaluation.guidance", "2.0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "evaluation.guidance" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "not a finished run" in missing.stderr

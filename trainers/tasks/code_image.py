@@ -180,6 +180,16 @@ class CodeImageTask(Task):
         accelerator.wait_for_everyone()
         return results
 
+    def evaluate_saved(self, output_dir) -> dict:
+        """The sample metrics of an exported pipeline under this task's ``evaluation`` settings."""
+        from hf_models.pipelines import CodeImagePipeline
+
+        pipe = CodeImagePipeline.from_pretrained(str(output_dir))
+        pipe.set_progress_bar_config(disable=True)
+        results = self.evaluate_pipeline(pipe)
+        results.update({f"evaluation/{k}": v for k, v in vars(self.eval_args).items()})
+        return results
+
     @torch.no_grad()
     def evaluate_pipeline(self, pipe) -> dict:
         from hf_models.metrics.image_metrics import class_accuracy, classifier_fid, predicted_class_entropy

@@ -1,0 +1,52 @@
+"""Re-evaluate a finished run: ``python -m trainers.evaluate OUTPUT_DIR [--evaluation.key value ...] [--write]``.
+
+Loads the exported pipeline and the run's resolved ``config.yaml``, applies the overrides (e.g.
+``--evaluation.guidance_scale 1.0`` to measure without classifier-free guidance) and prints the
+sample metrics as JSON. ``--write`` merges them into ``eval_results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from .arguments import ConfigError, build_config
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else 2
+    out = Path(argv[0])
+    write = "--write" in argv
+    overrides = [a for a in argv[1:] if a != "--write"]
+    try:
+        if not (out / "config.yaml").is_file() or not (out / "model_index.json").is_file():
+            raise ConfigError(f"{out} is not a finished run: it needs config.yaml and model_index.json")
+        raw = yaml.safe_load((out / "config.yaml").read_text())
+        raw["training"]["output_dir"] = str(out)
+        config = build_config(raw, overrides, source=str(out / "config.yaml"))
+        from .tasks import build_task
+
+        task = build_task(config)
+        if not hasattr(task, "evaluate_saved"):
+            raise ConfigError(f"task {config.task!r} has no re-evaluation yet")
+        results = task.evaluate_saved(out)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(results, indent=2, sort_keys=True))
+    if write:
+        path = out / "eval_results.json"
+        merged = json.loads(path.read_text()) if path.is_file() else {}
+        merged.update(results)
+        path.write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
