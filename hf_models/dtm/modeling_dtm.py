@@ -304,7 +304,9 @@ class DTMModel(DTMPreTrainedModel):
         x0 = self.binarize(pixel_values.to(device))
         gen_device = generator.device if generator is not None else device
         if timesteps is None:
-            timesteps = torch.randint(0, config.num_train_timesteps, (B,), generator=generator, device=gen_device)
+            draws = B if config.timestep_sampling == "per_sample" else 1
+            timesteps = torch.randint(0, config.num_train_timesteps, (draws,), generator=generator, device=gen_device)
+            timesteps = timesteps.expand(B)
         t = torch.as_tensor(timesteps).to(device=device, dtype=torch.long)
         t_cpu = t.cpu()
         prev_prob = torch.where(t_cpu > 0, self._cumulative_probs[(t_cpu - 1).clamp(min=0)], 0.0)
@@ -312,14 +314,16 @@ class DTMModel(DTMPreTrainedModel):
         x_t = flip_spins(x_prev, self._step_probs[t_cpu].to(device), generator)
 
         graph = self.graph(device)
-        couplings, fields = self._step_tensors(x_t, t)  # (B, E), (B, N)
+        # one timestep for the whole batch: shared couplings (E,), and the sweeps use one sparse matmul per colour
+        same_t = bool((t == t[0]).all())
+        couplings, fields = self._step_tensors(x_t, t[0] if same_t else t)  # (E,) or (B, E); (B, N)
         v_pos = self._state(x_prev, None)
         positive = self._free_energy(v_pos, couplings, fields, graph)
 
         # negative phase: chain k is conditioned on batch element cond[k]
         K = config.num_fantasy_chains
         cond = torch.randint(0, B, (K,), generator=generator, device=gen_device).to(device)
-        chain_couplings, chain_fields = couplings[cond], fields[cond]
+        chain_couplings, chain_fields = (couplings if same_t else couplings[cond]), fields[cond]
         start = self.fantasy_chains if config.persistent_chains else x_prev[cond]
         chains = gibbs_sweeps(
             self._state(start, None), chain_couplings.detach(), chain_fields.detach(), graph, config.pcd_k, generator

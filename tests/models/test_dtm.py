@@ -272,6 +272,17 @@ def test_forward_shapes_and_output():
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 8
 
 
+def test_per_batch_timesteps_share_one_step():
+    model = tester.get_model(timestep_sampling="per_batch")
+    out = model(tester.get_spins((8, 1, 4, 4)), generator=torch.Generator().manual_seed(0))
+    assert out.timesteps.shape == (8,) and len(set(out.timesteps.tolist())) == 1 and torch.isfinite(out.loss)
+    out.loss.backward()
+    assert torch.isfinite(model.couplings.grad).all()
+    t = int(out.timesteps[0])  # only that step's parameters get gradients
+    assert model.couplings.grad[t].abs().sum() > 0
+    assert all(model.couplings.grad[s].abs().sum() == 0 for s in range(3) if s != t)
+
+
 def test_forward_is_deterministic_with_a_generator():
     x = tester.get_spins((8, 1, 4, 4))
     a, b = tester.get_model(), tester.get_model()
@@ -371,6 +382,7 @@ def exact_conditional_nll(model, x_prev, x_t, t):
         dict(dsm_weight=0.0, persistent_chains=False),  # CD alone
         dict(dsm_weight=1.0, dsm_loss="pseudo_likelihood"),
         dict(dsm_weight=1.0, dsm_loss="ratio_matching", num_latent_spins=1),
+        dict(dsm_weight=0.5, timestep_sampling="per_batch", num_latent_spins=1),  # shared-coupling fast path
     ],
 )
 def test_training_lowers_the_exact_conditional_nll(overrides):
@@ -482,6 +494,7 @@ def test_input_validation(method, args, match):
         ("log_grid_min_time", 1.0),
         ("dsm_weight", -1.0),
         ("dsm_loss", "mse"),
+        ("timestep_sampling", "per_epoch"),
     ],
 )
 def test_config_validation(field, value):
