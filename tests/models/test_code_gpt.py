@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
 from hf_models.code_gpt import CodeGPTConfig, CodeGPTForCausalLM
+from tests.helpers import BLOCK_LATENTHEAT
 
 
 torch.set_num_threads(1)
@@ -151,19 +152,9 @@ def test_save_and_load_pretrained(tmp_path):
     assert torch.equal(a, b)
 
 
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = BLOCK_LATENTHEAT + textwrap.dedent(
     """
-    import importlib.abc, sys
-    class _Block(importlib.abc.MetaPathFinder):  # simulate a user without latentheat installed
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("hf_models", "trainers"):
-                raise ModuleNotFoundError(name)
-    sys.meta_path.insert(0, _Block())
-    try:
-        import hf_models  # noqa: F401
-        raise SystemExit("hf_models importable")
-    except ModuleNotFoundError:
-        pass
+    import sys
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_models.vq_tokenizer import VQTokenizerConfig, VQTokenizerModel, VQTokenizerOutput
+from tests.helpers import BLOCK_LATENTHEAT
 
 
 torch.set_num_threads(1)
@@ -208,19 +209,9 @@ def test_save_and_load_pretrained(tmp_path):
     assert torch.equal(model.quantizer.ema_cluster_size, loaded.quantizer.ema_cluster_size)
 
 
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = BLOCK_LATENTHEAT + textwrap.dedent(
     """
-    import importlib.abc, sys
-    class _Block(importlib.abc.MetaPathFinder):  # simulate a user without latentheat installed
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("hf_models", "trainers"):
-                raise ModuleNotFoundError(name)
-    sys.meta_path.insert(0, _Block())
-    try:
-        import hf_models  # noqa: F401
-        raise SystemExit("hf_models importable")
-    except ModuleNotFoundError:
-        pass
+    import sys
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModel

@@ -82,10 +82,9 @@ def test_pipeline_from_output_folder_is_deterministic(tiny_run):
 
 def test_remote_code_loads_without_latentheat(tiny_run, tmp_path):
     """AutoModel(..., trust_remote_code=True) from the output folder with hf_models unimportable."""
-    script = f"""
-import sys
-sys.modules['hf_models'] = None  # latentheat is not installed for this user
-sys.modules['trainers'] = None
+    from tests.helpers import BLOCK_LATENTHEAT
+
+    script = BLOCK_LATENTHEAT + f"""
 import torch
 from transformers import AutoModel, AutoModelForCausalLM
 vq = AutoModel.from_pretrained({str(tiny_run / 'vq_tokenizer')!r}, trust_remote_code=True)
@@ -208,10 +207,9 @@ def test_push_then_load_pipeline_and_remote_code_from_the_hub(tiny_run, hub_serv
     proc = subprocess.run([sys.executable, "-c", load_pipeline], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=hub_env(hub_server, tmp_path))
     assert proc.returncode == 0 and "pipeline ok" in proc.stdout, proc.stderr[-3000:]
 
-    remote_code = textwrap.dedent(f"""
-        import sys
-        sys.modules['hf_models'] = None  # a user without latentheat
-        sys.modules['trainers'] = None
+    from tests.helpers import BLOCK_LATENTHEAT
+
+    remote_code = BLOCK_LATENTHEAT + textwrap.dedent(f"""
         import torch
         from transformers import AutoModel, AutoModelForCausalLM
         vq = AutoModel.from_pretrained({repo_id!r}, subfolder="vq_tokenizer", trust_remote_code=True)
