@@ -3,7 +3,7 @@
 Self-contained (torch + transformers + this folder) so `register_for_auto_class` can ship it as remote code.
 """
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 # PreTrainedModel is imported so diffusers finds its loading method when this module is a pipeline component
@@ -28,6 +28,18 @@ class CodeGPTCodeOnlyLogitsProcessor(LogitsProcessor):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         scores = scores.clone()
         scores[:, self.codebook_size :] = -float("inf")
+        return scores
+
+
+class _ProgressLogitsProcessor(LogitsProcessor):
+    """Calls `callback(codes drawn so far)` once per generated position; leaves the scores alone."""
+
+    def __init__(self, callback: Callable[[int], None], done: int = 0):
+        self.callback, self.count = callback, done
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.count += 1
+        self.callback(self.count)
         return scores
 
 
@@ -113,6 +125,7 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
         max_context: Optional[int] = None,
         use_cache: bool = True,
         batch_size: Optional[int] = None,
+        callback: Optional[Callable[[int], None]] = None,
     ) -> torch.LongTensor:
         r"""
         Sample code sequences `(B, num_codes)` in `[0, codebook_size)`.
@@ -132,6 +145,8 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
                 predicted from between `max_context // 2` and `max_context` tokens of context.
             use_cache (`bool`): KV cache on or off; gives the same tokens for the same generator seed.
             batch_size (`int`, *optional*): rows to draw for an unconditional model.
+            callback (`Callable[[int], None]`, *optional*): called with the number of codes drawn so far after
+                each generated position (pipelines drive their progress bar with it).
         """
         config = self.config
         num_codes = config.num_codes if num_codes is None else num_codes
@@ -166,13 +181,15 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
             context = sequence[:, -(max_context - new + 1) :]
             sequence = torch.cat(
                 [sequence, self._generate_chunk(context, new, temperature, top_k, top_p,
-                                                guidance_scale if use_guidance else None, generator, use_cache)],
+                                                guidance_scale if use_guidance else None, generator, use_cache,
+                                                callback, num_codes - remaining)],
                 dim=1,
             )
             remaining -= new
         return sequence[:, prompt.shape[1] :].contiguous()
 
-    def _generate_chunk(self, context, new, temperature, top_k, top_p, guidance_scale, generator, use_cache):
+    def _generate_chunk(self, context, new, temperature, top_k, top_p, guidance_scale, generator, use_cache,
+                        callback=None, done=0):
         config = self.config
         processors = LogitsProcessorList()
         if guidance_scale is not None:
@@ -197,6 +214,8 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
         if top_p is not None and top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p=float(top_p)))
         processors.append(CodeGPTMultinomialLogitsProcessor(generator))  # last: draws the token
+        if callback is not None:
+            processors.append(_ProgressLogitsProcessor(callback, done))
 
         output = self.generate(
             input_ids=context,

@@ -97,7 +97,7 @@ class CodeImagePipeline(LatentheatPipelineMixin, DiffusionPipeline):
         num_codes = self.code_gpt.config.num_codes
         if num_codes != h * w:
             raise ValueError(f"code_gpt.config.num_codes={num_codes} does not match the tokenizer's {h}x{w} code grid")
-        with self.progress_bar(total=1) as bar:
+        with self.progress_bar(total=num_codes) as bar:
             codes = self.code_gpt.generate_codes(
                 labels,
                 num_codes=num_codes,
@@ -106,9 +106,9 @@ class CodeImagePipeline(LatentheatPipelineMixin, DiffusionPipeline):
                 top_p=top_p,
                 guidance_scale=guidance_scale,
                 generator=generator,
+                callback=lambda drawn: bar.update(drawn - bar.n),
                 **({"batch_size": batch_size} if labels is None else {}),
             )
-            bar.update(1)
         codes = codes.view(-1, h, w)
         if output_type == "latent":
             images = codes

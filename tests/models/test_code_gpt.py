@@ -342,3 +342,15 @@ def test_generate_codes_validation(kwargs, match):
     kwargs = {"class_labels": torch.tensor([0]), **kwargs}
     with pytest.raises(ValueError, match=match):
         model.generate_codes(**kwargs)
+
+
+def test_generate_codes_callback_counts_every_position_across_windows():
+    config = CodeGPTConfig(codebook_size=16, num_classes=3, num_codes=12, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = CodeGPTForCausalLM(config).eval()
+    for max_context in (None, 6):
+        seen = []
+        codes = model.generate_codes(torch.tensor([0, 2]), max_context=max_context, callback=seen.append,
+                                     generator=torch.Generator().manual_seed(0))
+        assert codes.shape == (2, 12)
+        assert seen == list(range(1, 13)), (max_context, seen)
