@@ -14,6 +14,7 @@ Conventions used everywhere in `hf_models.dtm` and `hf_models.schedulers.schedul
 Nothing here imports anything but torch, so the folder ships as remote code.
 """
 
+import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -359,7 +360,11 @@ def gibbs_sweeps(
     out_dtype = state.dtype
     compute_dtype = torch.float32 if state.dtype in (torch.float16, torch.bfloat16) else state.dtype
     B, device = state.shape[0], state.device
-    with torch.no_grad():
+    # sampling runs in full precision even under autocast (CSR matmul has no bf16 CPU kernel; draws need fp32)
+    no_autocast = (
+        torch.autocast(device.type, enabled=False) if device.type in ("cpu", "cuda") else contextlib.nullcontext()
+    )
+    with torch.no_grad(), no_autocast:
         # site-major layout (num_sites + 1, B): gathering neighbour rows is a contiguous row copy; the last row is a
         # dummy spin fixed at 0 that padded neighbour slots point to
         s = torch.cat([state.to(compute_dtype).t(), state.new_zeros(1, B, dtype=compute_dtype)], dim=0)

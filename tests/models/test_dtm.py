@@ -576,3 +576,17 @@ def test_remote_code_loads_without_latentheat(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert torch.allclose(load_file(tmp_path / "out.safetensors")["energy"], model.energy(x, x, 1).detach())
+
+
+@pytest.mark.parametrize("timestep_sampling", ["per_sample", "per_batch"])
+def test_autocast_and_bf16_weights(timestep_sampling):
+    """Mixed precision: the loss stays finite; Gibbs sweeps run in fp32 (CSR matmul has no bf16 CPU kernel)."""
+    model = tester.get_model(num_latent_spins=1, timestep_sampling=timestep_sampling)
+    x = tester.get_spins((8, 1, 4, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, generator=torch.Generator().manual_seed(0))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(model.couplings.grad).all()
+    bf16 = model.to(torch.bfloat16)
+    out = bf16(x, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss.float()) and bf16.fantasy_chains.dtype == torch.bfloat16
