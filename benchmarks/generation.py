@@ -22,10 +22,9 @@ def main():
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--num_codes", type=int, default=49)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads; 1 is robust on a shared 2-core machine")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     # the demo's CodeGPT size (configs/experiments/code_image_mnist.yaml)
     config = CodeGPTConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
