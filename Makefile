@@ -3,17 +3,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.latentheat-installed
 PYTEST_ARGS ?=
+DEEPSPEED ?= deepspeed==0.19.8
 
 .PHONY: install demo test test-slow bench clean
 
 install: $(STAMP)
 
-# torch first, pinned: it is a local CPU wheel here; any other torch request pulls a CUDA build
+# torch first, pinned: it is a local CPU wheel here; any other torch request pulls a CUDA build.
+# deepspeed (the `deepspeed` extra, for DeepSpeedTrainer) builds against the installed torch: no build
+# isolation, or pip would fetch another torch to build it
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q "setuptools>=68" wheel
+	$(PY) -m pip install -q --no-build-isolation $(DEEPSPEED)
 	touch $(STAMP)
 
 demo: install

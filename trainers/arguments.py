@@ -32,6 +32,26 @@ class ConfigError(ValueError):
     """A bad experiment file or override. The message names the key, the value and what is allowed."""
 
 
+DEEPSPEED_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
+
+
+def resolve_deepspeed_config(value: str, where: str = "training.deepspeed_config") -> Path:
+    """``training.deepspeed_config`` -> an existing JSON file.
+
+    A path (absolute or relative to the working directory) is used as given; a bare name such as
+    ``zero3`` or ``zero3.json`` names one of the files shipped in ``configs/deepspeed/``.
+    """
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    if len(path.parts) == 1:
+        shipped = DEEPSPEED_CONFIG_DIR / (value if value.endswith(".json") else value + ".json")
+        if shipped.is_file():
+            return shipped
+    names = sorted(p.name for p in DEEPSPEED_CONFIG_DIR.glob("*.json"))
+    raise ConfigError(f"{where}={value!r} is not a file; give a path to a DeepSpeed JSON or one of {', '.join(names)}")
+
+
 @dataclass
 class TrainingArguments:
     output_dir: str = "outputs/run"
@@ -64,6 +84,8 @@ class TrainingArguments:
     num_threads: Optional[int] = None
     record_data_indices: bool = False
     disable_progress_bar: bool = False
+    # trainer=deepspeed: a JSON in configs/deepspeed/ ("zero2.json", "zero3") or a path to one
+    deepspeed_config: str = "zero2.json"
 
     def __post_init__(self):
         checks = [
@@ -81,6 +103,7 @@ class TrainingArguments:
             ("ema_decay", 0.0 < self.ema_decay < 1.0, "a float in (0, 1)"),
             ("mixed_precision", self.mixed_precision in ("no", "fp16", "bf16"), "one of 'no', 'fp16', 'bf16'"),
             ("dataloader_num_workers", self.dataloader_num_workers >= 0, "an integer >= 0"),
+            ("deepspeed_config", bool(self.deepspeed_config.strip()), "a DeepSpeed JSON: a name in configs/deepspeed/ or a path"),
         ]
         if self.max_grad_norm is not None:
             checks.append(("max_grad_norm", self.max_grad_norm > 0, "a float > 0 or null"))
@@ -308,6 +331,11 @@ def build_config(raw: dict, overrides: Optional[list[str]] = None, source: Optio
             raise ConfigError(f"stages.{name}{_in(source)} must be a mapping of training keys")
         for key, value in values.items():
             _coerce(TrainingArguments, key, value, f"stages.{name}.{key}", source)
+    if trainer == "deepspeed":  # fail before launching, not inside every rank
+        resolve_deepspeed_config(str((raw.get("training") or {}).get("deepspeed_config", TrainingArguments.deepspeed_config)))
+        for name, values in stages.items():
+            if "deepspeed_config" in values:
+                resolve_deepspeed_config(str(values["deepspeed_config"]), f"stages.{name}.deepspeed_config")
     cfg = ExperimentConfig(
         task=raw["task"],
         trainer=trainer,
