@@ -314,12 +314,18 @@ class DTMStepParameters:
         fields (`torch.FloatTensor` of shape `(batch, num_sites)`): external field on every site: the bias plus, on
             visible sites, `(J_t + learned_t) * x_t` (the coupling to the noisier sample).
         timestep (`int`, *optional*): the step these parameters belong to; `DTMScheduler.step` checks it.
+        bias (`(num_sites,)`), condition_coupling (`(N_v,)`), condition (`(batch, N_v)`), *optional*: the same
+            fields split as `bias + pad(condition_coupling * condition)` (for a shared timestep); the thrml backend
+            clamps `condition` as spins instead of taking per-chain fields.
     """
 
     graph: IsingGraph
     couplings: torch.Tensor
     fields: torch.Tensor
     timestep: Optional[int] = None
+    bias: Optional[torch.Tensor] = None
+    condition_coupling: Optional[torch.Tensor] = None
+    condition: Optional[torch.Tensor] = None
 
 
 def ising_energy(state: torch.Tensor, couplings: torch.Tensor, fields: torch.Tensor, graph: IsingGraph):
@@ -398,19 +404,64 @@ def gibbs_sweeps(
     return s[:-1].t().to(out_dtype).contiguous()
 
 
-def thrml_gibbs_sweeps(state, couplings, fields, graph, num_sweeps, generator=None):
-    """The same chromatic Gibbs sampler run by the `thrml` (JAX) library. Not bundled: raises `ImportError` unless
-    `thrml` is installed (`pip install latentheat[thrml]`)."""
+def thrml_gibbs_sweeps(
+    state: torch.Tensor,
+    couplings: torch.Tensor,
+    bias: torch.Tensor,
+    condition_coupling: torch.Tensor,
+    condition: torch.Tensor,
+    graph: IsingGraph,
+    num_sweeps: int,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """The same chromatic block Gibbs sampler run by the `thrml` (JAX) library: an `IsingEBM` on the graph's sites
+    plus `N_v` clamped condition spins (`x_t`) coupled one-to-one to the visible sites, one free `Block` per colour
+    (in `graph.color_sites` order, latents first), `vmap`-ed over the chains. Needs the step's fields split as
+    `bias + pad(condition_coupling * condition)` (what `DTMModel.step_parameters` provides).
+
+    Args:
+        state (`(B, num_sites)`): initial spins. couplings (`(E,)`): shared couplings. bias (`(num_sites,)`).
+        condition_coupling (`(N_v,)`), condition (`(B, N_v)`): the coupling to `x_t` and `x_t` itself.
+        generator (`torch.Generator`, *optional*): seeds the JAX key (one int drawn from it).
+
+    Not bundled: raises `ImportError` unless `thrml` is installed (`pip install latentheat[thrml]`).
+    """
     try:
-        import thrml  # noqa: F401
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        import thrml
+        from thrml.models import IsingEBM, IsingSamplingProgram
     except ImportError as error:
         raise ImportError(
             "backend='thrml' needs the thrml library (JAX); install it with `pip install latentheat[thrml]` "
             "or use backend='torch'"
         ) from error
-    raise NotImplementedError(
-        "the thrml backend is not implemented yet; use backend='torch' (same distribution, CPU and GPU)"
-    )
+    if couplings.ndim != 1:
+        raise ValueError("the thrml backend takes shared couplings (E,), not per-chain couplings")
+    B, N, N_v = state.shape[0], graph.num_sites, graph.num_visible
+    to_np = lambda t: t.detach().to("cpu", torch.float32).numpy()  # noqa: E731
+    nodes = [thrml.SpinNode() for _ in range(N)]
+    condition_nodes = [thrml.SpinNode() for _ in range(N_v)]
+    edges = [(nodes[i], nodes[j]) for i, j in graph.edges.tolist()]
+    edges += [(nodes[i], condition_nodes[i]) for i in range(N_v)]
+    weights = np.concatenate([to_np(couplings), to_np(condition_coupling)])
+    ebm = IsingEBM(nodes, edges, jnp.asarray(to_np(bias)), jnp.asarray(weights), jnp.array(1.0))
+    free_blocks = [thrml.Block([nodes[i] for i in sites.tolist()]) for sites in graph.color_sites]
+    program = IsingSamplingProgram(ebm, free_blocks, [thrml.Block(condition_nodes)])
+    schedule = thrml.SamplingSchedule(n_warmup=num_sweeps, n_samples=1, steps_per_sample=1)
+    spins = state.detach().cpu() > 0
+    init = [jnp.asarray(spins[:, sites.cpu()].numpy()) for sites in graph.color_sites]  # (B, n_c) bools
+    clamp = [jnp.asarray((condition.detach().cpu() > 0).numpy())]  # (B, N_v)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device if generator else "cpu"))
+    keys = jax.random.split(jax.random.key(seed), B)
+    out_block = thrml.Block(nodes)
+
+    def run(key, init_state, clamp_state):
+        return thrml.sample_states(key, program, schedule, init_state, clamp_state, [out_block])[0][-1]
+
+    samples = np.asarray(jax.jit(jax.vmap(run))(keys, init, clamp))  # (B, N) bools
+    return (torch.from_numpy(samples.astype(np.float32)) * 2 - 1).to(device=state.device, dtype=state.dtype)
 
 
 __all__ = [

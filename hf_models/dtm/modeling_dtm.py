@@ -265,11 +265,19 @@ class DTMModel(DTMPreTrainedModel):
         """The Ising parameters of reverse step `timestep` given `x_t` `(B, C, H, W)`, for `DTMScheduler.step`."""
         couplings, fields = self._step_tensors(x_t, timestep)
         t = torch.as_tensor(timestep)
+        split = {}
+        if t.ndim == 0:  # shared step: also give the fields as bias + coupling * x_t (the thrml backend clamps x_t)
+            split = dict(
+                bias=self.biases[int(t)].detach(),
+                condition_coupling=(self.xt_couplings[int(t)] + self.xt_coupling_base(int(t))).detach(),
+                condition=x_t.reshape(x_t.shape[0], -1).detach(),
+            )
         return DTMStepParameters(
             graph=self.graph(self.couplings.device),
             couplings=couplings.detach(),
             fields=fields.detach(),
             timestep=int(t) if t.ndim == 0 else None,
+            **split,
         )
 
     def forward(

@@ -182,10 +182,17 @@ class DTMScheduler(SchedulerMixin, ConfigMixin):
         state = torch.cat(
             [sample.reshape(B, -1), sample.new_zeros(B, graph.num_sites - graph.num_visible)], dim=1
         )
-        sweeps = thrml_gibbs_sweeps if self.config.backend == "thrml" else gibbs_sweeps
-        state = sweeps(
-            state, model_output.couplings, model_output.fields, graph, self.config.sweeps_per_step, generator
-        )
+        if self.config.backend == "thrml":
+            if model_output.condition is None:
+                raise ValueError("the thrml backend needs DTMStepParameters with bias/condition (a scalar timestep)")
+            state = thrml_gibbs_sweeps(
+                state, model_output.couplings, model_output.bias, model_output.condition_coupling,
+                model_output.condition, graph, self.config.sweeps_per_step, generator,
+            )
+        else:
+            state = gibbs_sweeps(
+                state, model_output.couplings, model_output.fields, graph, self.config.sweeps_per_step, generator
+            )
         prev_sample = state[:, : graph.num_visible].reshape(sample.shape).to(sample.dtype)
         latent_sample = state[:, graph.num_visible :] if graph.num_sites > graph.num_visible else None
         if not return_dict:

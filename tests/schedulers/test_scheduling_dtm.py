@@ -148,11 +148,14 @@ def test_thrml_backend_raises_a_clear_import_error():
         scheduler.step(model.step_parameters(x, 0), 0, x)
 
 
-@pytest.mark.parametrize("latents", [0, 1])
-def test_step_samples_the_exact_conditional(latents):
+@pytest.mark.parametrize("latents, backend", [(0, "torch"), (1, "torch"), (1, "thrml")])
+def test_step_samples_the_exact_conditional(latents, backend):
     """`step` with `model.step_parameters` draws `x^{(t-1)}` from `exp(-F_t(. | x^{(t)}))`: total variation between
     20000 draws and the enumerated conditional (2**8 states) is below the sample-size bound of the Gibbs test
-    (1/2 sum_k sqrt(p_k (1 - p_k) / n) + sqrt(ln(1e6) / (2n))), and a wrong sign on x_t fails it."""
+    (1/2 sum_k sqrt(p_k (1 - p_k) / n) + sqrt(ln(1e6) / (2n))), and a wrong sign on x_t fails it. The thrml backend
+    (run only where the extra is installed; ~20 s of JIT and sampling) must pass the same check."""
+    if backend == "thrml":
+        pytest.importorskip("thrml", reason="optional extra: pip install latentheat[thrml]")
     model = tiny_model(image_size=2, block_size=2, skip_connections=0, num_latent_spins=latents, num_channels=2)
     n, N = 20000, model.num_visible
     x_t = spins((1, 2, 2, 2), seed=3)
@@ -160,7 +163,8 @@ def test_step_samples_the_exact_conditional(latents):
     with torch.no_grad():
         probs = torch.softmax(-model.energy(states.view(-1, 2, 2, 2), x_t.expand(2**N, -1, -1, -1), 1), 0)
     bound = 0.5 * torch.sqrt(probs * (1 - probs) / n).sum().item() + math.sqrt(math.log(1e6) / (2 * n))
-    scheduler = DTMScheduler.from_model_config(model.config, sweeps_per_step=100)  # 30 left a mixing error
+    # 30 sweeps left a mixing error
+    scheduler = DTMScheduler.from_model_config(model.config, sweeps_per_step=100, backend=backend)
 
     def tv(condition):
         x = condition.expand(n, -1, -1, -1)
@@ -169,7 +173,8 @@ def test_step_samples_the_exact_conditional(latents):
         return 0.5 * (torch.bincount(index, minlength=2**N).float() / n - probs).abs().sum().item()
 
     assert tv(x_t) < bound
-    assert tv(-x_t) > bound
+    if backend == "torch":
+        assert tv(-x_t) > bound
 
 
 def test_sampling_loop_runs_on_model_and_scheduler():
