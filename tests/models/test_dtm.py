@@ -144,7 +144,7 @@ def test_thrml_backend_needs_the_extra():
     graph = small_graphs()["lattice_8nbr"]
     J, h = random_ising(graph, seed=0)
     with pytest.raises(ImportError, match=r"pip install latentheat\[thrml\]"):
-        thrml_gibbs_sweeps(torch.ones(2, graph.num_sites), J, h, graph, 1)
+        thrml_gibbs_sweeps(torch.ones(2, graph.num_sites), J, h[0], torch.ones(12), torch.ones(2, 12), graph, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
