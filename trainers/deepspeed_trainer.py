@@ -145,8 +145,8 @@ def fill_deepspeed_config(raw: dict, args: TrainingArguments, world_size: int, h
         (("gradient_accumulation_steps",), accum, "training.gradient_accumulation_steps", True),
         (("train_batch_size",), micro * accum * world_size, f"per_device_train_batch_size x gradient_accumulation_steps x {world_size} processes", True),
         (("gradient_clipping",), float(args.max_grad_norm or 0.0), "training.max_grad_norm (null = 0.0, no clipping)", True),
-        (("bf16", "enabled"), args.mixed_precision == "bf16", "training.mixed_precision", args.mixed_precision == "bf16"),
-        (("fp16", "enabled"), args.mixed_precision == "fp16", "training.mixed_precision", args.mixed_precision == "fp16"),
+        (("bf16", "enabled"), args.mixed_precision == "bf16", f"training.mixed_precision={args.mixed_precision!r}", args.mixed_precision == "bf16"),
+        (("fp16", "enabled"), args.mixed_precision == "fp16", f"training.mixed_precision={args.mixed_precision!r}", args.mixed_precision == "fp16"),
     ]
     if "optimizer" in cfg:
         rules += [

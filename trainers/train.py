@@ -1,7 +1,10 @@
 """Entry point: ``python -m trainers.train CONFIG.yaml [--section.key value ...]``.
 
 Launch it with ``accelerate launch``, ``torchrun`` or ``deepspeed``; ``--trainer deepspeed`` (or
-``trainer: deepspeed`` in the file) picks the DeepSpeed trainer.
+``trainer: deepspeed`` in the file) picks the DeepSpeed trainer, e.g. ZeRO-3 on 2 CPU processes:
+
+    torchrun --nproc_per_node 2 -m trainers.train CONFIG.yaml --trainer deepspeed --training.deepspeed_config zero3
+    deepspeed --num_gpus 2 --module trainers.train CONFIG.yaml --trainer deepspeed
 """
 
 from __future__ import annotations

@@ -302,6 +302,20 @@ def test_zero2_torchrun_trains_code_image_and_writes_a_loadable_pipeline(tmp_pat
     assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
 
 
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_zero3_on_cpu(tmp_path):
+    """`deepspeed --num_gpus 2 --module trainers.train ...`: the launcher counts CPU 'devices' and appends --local_rank."""
+    out = tmp_path / "launcher"
+    _run([
+        str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "trainers.train", TINY,
+        "--trainer", "deepspeed", "--training.deepspeed_config", "zero3", "--training.output_dir", str(out), "--training.disable_progress_bar", "true",
+        "--stages.vq_tokenizer.max_steps", "2", "--stages.code_gpt.max_steps", "2", "--training.checkpointing_steps", "0", "--training.report_to", "none",
+        "--data.max_train_samples", "256", "--data.max_eval_samples", "128", "--evaluation.num_samples_per_class", "2", "--evaluation.grid_samples_per_class", "2",
+    ])
+    assert (out / "model_index.json").is_file() and (out / "code_gpt" / "model.safetensors").is_file()
+    assert [r["step"] for r in history(out, "code_gpt")] == [2]
+
+
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
 def test_deepspeed_matches_one_process_accelerate(toy_runs, name):
     ref, run = history(toy_runs / "accelerate", "toy"), history(toy_runs / name, "toy")
