@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hf_models.dtm import DTMConfig, DTMModel, DTMOutput
+from tests.helpers import BLOCK_LATENTHEAT
 from hf_models.dtm.gibbs import (
     IsingGraph,
     build_lattice_graph,
@@ -536,14 +537,9 @@ def test_seed_config_on_meta_device():
         assert tiny.num_edges == tiny.graph().num_edges
 
 
-REMOTE_SCRIPT = textwrap.dedent(
+REMOTE_SCRIPT = BLOCK_LATENTHEAT + textwrap.dedent(
     """
-    import importlib.abc, sys
-    class _Block(importlib.abc.MetaPathFinder):  # simulate a user without latentheat installed
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("hf_models", "trainers"):
-                raise ModuleNotFoundError(name)
-    sys.meta_path.insert(0, _Block())
+    import sys
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModel
