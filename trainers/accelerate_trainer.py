@@ -142,6 +142,10 @@ class AccelerateTrainer:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         )
         self.has_trackers = bool(trackers)
+        if "mlflow" in trackers and not os.environ.get("MLFLOW_TRACKING_URI"):
+            # mlflow 3 refuses its file store; keep runs next to the TensorBoard logs in a local SQLite file
+            (self.output_dir / "logs").mkdir(parents=True, exist_ok=True)
+            os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(self.output_dir / 'logs' / 'mlflow.db').resolve()}"
         self.signal_flag = _SignalFlag()
 
     # ------------------------------------------------------------------------------------------

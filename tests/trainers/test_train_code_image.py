@@ -274,3 +274,22 @@ def test_evaluate_cli_reevaluates_a_finished_run(tiny_run, tmp_path):
     assert bad.returncode == 2 and "evaluation.guidance" in bad.stderr
     missing = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "not a finished run" in missing.stderr
+
+
+def test_mlflow_tracker_records_the_losses(tmp_path):
+    pytest.importorskip("mlflow", reason="mlflow is in the dev extra; install with pip install -e '.[dev]'")
+    out = tmp_path / "mlflow"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    cmd = [sys.executable, "-m", "trainers.train", TINY, "--training.output_dir", str(out), "--training.disable_progress_bar", "true",
+           "--training.report_to", "tensorboard,mlflow", "--training.logging_steps", "1",
+           "--stages.vq_tokenizer.max_steps", "4", "--stages.code_gpt.max_steps", "3"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{out / 'logs' / 'mlflow.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "code_image"]
+    (run,) = client.search_runs([experiment.experiment_id])
+    history = client.get_metric_history(run.info.run_id, "vq_tokenizer/train/loss")
+    assert [m.step for m in history] == [1, 2, 3, 4]
+    assert run.data.params["training/output_dir"] == str(out)
