@@ -33,8 +33,9 @@ Defaults (``KolmogorovConfig()``), measured on 6 trajectories x 60 time units (s
   ensemble energy shows no trend after t ≈ 10 while the flow decorrelates in ~1 time unit),
 - 200 frames every 0.1 time units (10 steps): the vorticity autocorrelation (fluctuation about the mean shear profile)
   falls to 1/e after 8 frames and below 0.1 after 21 frames (raw, with the mean shear: 1/e after 10 frames).
-- Speed (1 thread, float64, 64², the machine shared with other jobs): ~540 trajectory-steps/s in batches of 4, i.e.
-  ~10 s per default trajectory (3000 + 1990 steps); float32 is ~1.7x faster. `benchmarks/solver.py` measures it.
+- Speed (1 thread, float64, 64², on 2 cores shared with other jobs, load 5-6, so noisy): 500-1300 trajectory-steps/s
+  in batches of 4, i.e. 4-10 s per default trajectory (3000 + 1990 steps); float32 is 1.4-2x faster. Use one torch
+  thread per process on a busy machine (2 threads ran 5-20x slower there). `benchmarks/solver.py` measures it.
 
 ```python
 from hf_models.data.kolmogorov import KolmogorovConfig, simulate, build_kolmogorov_dataset, energy_spectrum
@@ -350,8 +351,8 @@ def simulate(config: KolmogorovConfig, num_trajectories: int = 1, seed: Optional
 
     Frame ``j`` is the state at ``t = spinup_time + j · frame_interval``, in ``config.dtype``. ``seed`` defaults to
     ``config.seed``. Trajectories are integrated ``batch_size`` at a time (trajectories ``0..batch_size-1``, then
-    the next ``batch_size``, ...): on CPU, float64 64² steps are fastest per trajectory at 4 per batch (the FFT
-    working set of larger batches falls out of cache: ~540 trajectory-steps/s at 4, ~160 at 16, one core).
+    the next ``batch_size``, ...): on CPU, float64 64² steps are fastest per trajectory at about 4 per batch (the FFT
+    working set of larger batches falls out of cache: 1.2-3x fewer trajectory-steps/s at 16, one thread).
 
     The same ``(config, num_trajectories, seed, batch_size)`` gives a bit-identical result. Trajectory ``b``'s
     initial condition depends only on ``(seed, b)``; the FFT library may round differently for batches of other
