@@ -1,10 +1,22 @@
 """latentheat models: every family is a ``PreTrainedModel`` registered with the Auto classes.
 
-diffusers loads pipeline components by importing the module path recorded in
-``model_index.json``; the classes are also exported here for convenience.
+Importing a family's subpackage registers its config with ``AutoConfig`` and its model with
+``AutoModel``/``AutoModelForCausalLM``. diffusers loads pipeline components by importing the
+module path recorded in ``model_index.json``; the classes are also exported here.
 """
 
 from .code_gpt import CodeGPTConfig, CodeGPTForCausalLM
+from .dtm import DTMConfig, DTMModel
+from .mnist_classifier import MNISTClassifierConfig, MNISTClassifierModel
 from .vq_tokenizer import VQTokenizerConfig, VQTokenizerModel
 
-__all__ = ["CodeGPTConfig", "CodeGPTForCausalLM", "VQTokenizerConfig", "VQTokenizerModel"]
+__all__ = [
+    "CodeGPTConfig",
+    "CodeGPTForCausalLM",
+    "DTMConfig",
+    "DTMModel",
+    "MNISTClassifierConfig",
+    "MNISTClassifierModel",
+    "VQTokenizerConfig",
+    "VQTokenizerModel",
+]
