@@ -123,13 +123,17 @@ class KolmogorovConfig:
     dtype: str = "float64"
 
     def __post_init__(self):
+        # canonical types, so equal settings hash (and serialise) identically: 1000 -> 1000.0
+        for name in ("reynolds_number", "dt", "forcing_amplitude", "drag", "spinup_time", "frame_interval",
+                     "ic_max_wavenumber", "ic_vorticity_rms"):
+            setattr(self, name, float(getattr(self, name)))
         if not isinstance(self.grid_size, int) or self.grid_size < 8 or self.grid_size % 2:
             raise ValueError(f"grid_size must be an even int >= 8, got {self.grid_size!r}")
         if not self.reynolds_number > 0:
             raise ValueError(f"reynolds_number must be > 0 (inf for an inviscid run), got {self.reynolds_number!r}")
         if not (self.dt > 0 and math.isfinite(self.dt)):
             raise ValueError(f"dt must be a finite number > 0, got {self.dt!r}")
-        if not isinstance(self.forcing_wavenumber, int) or not 0 < self.forcing_wavenumber < self.grid_size // 3:
+        if not isinstance(self.forcing_wavenumber, int) or not 0 < self.forcing_wavenumber < self.grid_size / 3:
             raise ValueError(f"forcing_wavenumber must be an int in [1, grid_size/3) = [1, {self.grid_size / 3:.1f}) "
                              f"so the forcing survives dealiasing, got {self.forcing_wavenumber!r}")
         if self.drag < 0:

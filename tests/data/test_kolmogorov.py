@@ -178,6 +178,8 @@ def test_config_validation():
         KolmogorovConfig(grid_size=8, forcing_wavenumber=4)
     with pytest.raises(ValueError, match="dtype"):
         KolmogorovConfig(dtype="float16")
+    # canonical numbers: an int Reynolds number names the same settings (and cache folder) as the float
+    assert KolmogorovConfig(reynolds_number=1000, spinup_time=30).to_dict() == KolmogorovConfig().to_dict()
 
 
 def test_dataset_splits_metadata_and_cache(tmp_path, monkeypatch):
