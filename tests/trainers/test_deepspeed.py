@@ -3,8 +3,9 @@
 * ZeRO-2 trains the tiny code-image system end to end through the CLI and writes a loadable pipeline.
 * Equivalence: a toy regression task (below; fp32, no dropout, same seed) trained by a one-process
   AccelerateTrainer with a global batch of 16 and by 2-rank DeepSpeed ZeRO-1 (8 per rank), ZeRO-2
-  (4 per rank x 2 accumulation steps) and ZeRO-3 (8 per rank): the same global batches, so the same
-  loss curve, learning rates and final weights up to float32 summation order (tolerances below).
+  (4 per rank x 2 accumulation steps), ZeRO-3 and ZeRO-3 with CPU offload and a JSON-defined optimizer
+  (8 per rank): the same global batches, so the same loss curve, learning rates and final weights up to
+  float32 summation order (tolerances below).
 * Resume: ZeRO-2 (with EMA) and ZeRO-3 runs rolled back to their step-4 checkpoints continue the same curve.
 
 Run as a script this file trains the toy task (the tests start it with ``torchrun``)::
@@ -130,6 +131,8 @@ TOY_RUNS = {
     "zero1": ("deepspeed", "zero1", 8, 1, {}),
     "zero2": ("deepspeed", "zero2", 4, 2, {"checkpointing_steps": 2, "save_total_limit": 2, "use_ema": True, "ema_decay": 0.9}),
     "zero3": ("deepspeed", "zero3", 8, 1, {"checkpointing_steps": 4}),
+    # the JSON defines the optimizer (DeepSpeed builds it from the decay/no-decay groups; torch AdamW on CPU)
+    "zero3_offload": ("deepspeed", "zero3_offload", 8, 1, {}),
 }
 ROLLED_BACK = {"zero2": ["checkpoint-6"], "zero3": []}  # resume both from checkpoint-4
 
@@ -163,7 +166,7 @@ def toy_main(out: Path, which: str):
         return
     import torch.distributed as dist
 
-    for name in ("zero1", "zero2", "zero3"):
+    for name in ("zero1", "zero2", "zero3", "zero3_offload"):
         _train_toy(_toy_config(out, name))
     # roll the ZeRO-2 and ZeRO-3 runs back to their step-4 checkpoints and resume them
     for name, newer in ROLLED_BACK.items():
@@ -316,7 +319,7 @@ def test_deepspeed_launcher_runs_zero3_on_cpu(tmp_path):
     assert [r["step"] for r in history(out, "code_gpt")] == [2]
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "zero3_offload"])
 def test_deepspeed_matches_one_process_accelerate(toy_runs, name):
     ref, run = history(toy_runs / "accelerate", "toy"), history(toy_runs / name, "toy")
     assert [r["step"] for r in run] == [r["step"] for r in ref] == list(range(1, TOY_STEPS + 1))
