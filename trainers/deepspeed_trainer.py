@@ -1,7 +1,7 @@
 """DeepSpeedTrainer: the AccelerateTrainer loop on a ``deepspeed.initialize`` engine (ZeRO 0-3, CPU or GPU).
 
-accelerate only enables DeepSpeed on accelerators (on CPU its DeepSpeed mode silently becomes a
-single-process run), so this trainer drives DeepSpeed itself:
+accelerate only enables DeepSpeed on accelerators (on CPU an accelerate DeepSpeed config silently
+leaves every rank training alone on all the data), so this trainer drives DeepSpeed itself:
 
 * ``deepspeed.init_distributed`` with ``gloo`` on CPU, ``nccl`` on GPU; one ``Accelerator`` on the
   same process group only for what the tasks and the parent class use (``is_main_process``,
