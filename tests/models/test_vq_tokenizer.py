@@ -335,6 +335,10 @@ def _ddp_worker(rank, world_size, init_file, result_file):
             torch.save(torch.stack(gathered), result_file)
     finally:
         dist.destroy_process_group()
+    # leave at once: a worker once hung at interpreter exit on a lingering native thread, and
+    # mp.spawn(join=True) would then wait forever
+    sys.stdout.flush()
+    os._exit(0)
 
 
 @pytest.mark.distributed
