@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import shutil
 import signal
@@ -92,6 +91,23 @@ def use_cpu_backend() -> bool:
         return True
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return world > 1 and not torch.cuda.is_available()
+
+
+class _LogWindow:
+    """Sums of the micro-batch losses, logged terms and items since the last logging step."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.loss, self.items, self.steps, self.terms, self.start = 0.0, 0, 0, {}, time.perf_counter()
+
+    def add(self, out):
+        self.loss += out.loss.detach().float().item()
+        self.items += out.num_items
+        self.steps += 1
+        for key, value in out.logs.items():
+            self.terms[key] = self.terms.get(key, 0.0) + float(value)
 
 
 class _SignalFlag:
@@ -299,8 +315,7 @@ class AccelerateTrainer:
             index_log = open(log_dir / f"data_indices_{stage.name}_rank{acc.process_index}.txt", "a")
 
         model.train()
-        window_loss, window_items, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
-        window_logs: dict = {}
+        window = _LogWindow()
         micro_step = global_step * args.gradient_accumulation_steps
         stopped = False
         epoch = first_epoch
@@ -315,14 +330,7 @@ class AccelerateTrainer:
                     with acc.accumulate(model):
                         gen = torch.Generator(device="cpu").manual_seed(_step_seed(args.seed, stage_index, micro_step, acc.process_index))
                         out = stage.compute_loss(model, batch, gen)
-                        (nonfinite,) = self._any_process(not bool(torch.isfinite(out.loss.detach()).all()))
-                        if nonfinite:
-                            last = find_resume_checkpoint(ckpt_root, "latest", skip_corrupt=True, stage=stage.name, must_exist=False)
-                            raise TrainingStopped(
-                                f"stage {stage.name}: non-finite loss ({out.loss.item()}) at step {global_step + 1}; "
-                                f"training stopped. Last good checkpoint: {last or 'none'} (resume with "
-                                f"--training.resume_from_checkpoint latest after lowering the learning rate)"
-                            )
+                        self._check_finite(out, stage, global_step, ckpt_root)
                         acc.backward(out.loss)
                         if acc.sync_gradients and args.max_grad_norm is not None:
                             acc.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -331,40 +339,13 @@ class AccelerateTrainer:
                             lr_scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
                     micro_step += 1
-                    window_loss += out.loss.detach().float().item()
-                    window_items += out.num_items
-                    window_steps += 1
-                    for key, value in out.logs.items():
-                        window_logs[key] = window_logs.get(key, 0.0) + float(value)
+                    window.add(out)
                     if not acc.sync_gradients:
                         continue
                     global_step += 1
-                    progress.update(1)
                     if ema is not None:
                         ema.step(model.parameters())
-
-                    if global_step % args.logging_steps == 0 or global_step == args.max_steps:
-                        elapsed = max(time.perf_counter() - window_start, 1e-9)
-                        logs = {f"{stage.name}/train/loss": window_loss / window_steps, f"{stage.name}/train/lr": lr_scheduler.get_last_lr()[0]}
-                        logs.update({f"{stage.name}/train/{k}": v / window_steps for k, v in window_logs.items()})
-                        logs[f"{stage.name}/train/{stage.throughput_unit}_per_second"] = window_items * acc.num_processes / elapsed
-                        if self.has_trackers:
-                            acc.log(logs, step=global_step)
-                        self._log_history(stage, global_step, logs)
-                        progress.set_postfix(loss=f"{window_loss / window_steps:.4f}", lr=f"{logs[f'{stage.name}/train/lr']:.2e}", **{f"{stage.throughput_unit[:3]}/s": f"{logs[f'{stage.name}/train/{stage.throughput_unit}_per_second']:.0f}"})
-                        window_loss, window_items, window_steps, window_start, window_logs = 0.0, 0, 0, time.perf_counter(), {}
-
-                    if args.eval_steps and global_step % args.eval_steps == 0 and global_step < args.max_steps and eval_dl is not None:
-                        self._evaluate(stage, model, eval_dl, global_step, ema)
-                    if args.sample_steps and global_step % args.sample_steps == 0 and global_step < args.max_steps:
-                        self._samples(stage, model, global_step, ema)
-                    if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < args.max_steps:
-                        self._save_checkpoint(ckpt_root, global_step, stage, args, epoch)
-
-                    (term,) = self._any_process(self.signal_flag.received)
-                    if term:
-                        logger.info(f"SIGTERM received: writing a checkpoint at step {global_step} and stopping")
-                        self._save_checkpoint(ckpt_root, global_step, stage, args, epoch)
+                    if self._after_optimizer_step(stage, args, global_step, epoch, model, ema, eval_dl, ckpt_root, progress, window, lambda: lr_scheduler.get_last_lr()[0]):
                         stopped = True
                         break
                     if global_step >= args.max_steps:
@@ -416,6 +397,52 @@ class AccelerateTrainer:
                 ema.restore(params)
 
         return swap()
+
+    def _check_finite(self, out, stage: Stage, global_step: int, ckpt_root: Path):
+        """Stop every rank (before any backward) when a loss is NaN or infinite on any of them."""
+        (nonfinite,) = self._any_process(not bool(torch.isfinite(out.loss.detach()).all()))
+        if nonfinite:
+            last = find_resume_checkpoint(ckpt_root, "latest", skip_corrupt=True, stage=stage.name, must_exist=False)
+            raise TrainingStopped(
+                f"stage {stage.name}: non-finite loss ({out.loss.item()}) at step {global_step + 1}; "
+                f"training stopped. Last good checkpoint: {last or 'none'} (resume with "
+                f"--training.resume_from_checkpoint latest after lowering the learning rate)"
+            )
+
+    def _reduce_window(self, window: _LogWindow) -> tuple[float, dict, float]:
+        """Mean loss and terms of this process's micro-batches, and the items all processes handled."""
+        terms = {k: v / window.steps for k, v in window.terms.items()}
+        return window.loss / window.steps, terms, window.items * self.accelerator.num_processes
+
+    def _after_optimizer_step(self, stage, args, global_step, epoch, model, ema, eval_dl, ckpt_root, progress, window, lr) -> bool:
+        """Logging, periodic evaluation / sample grids / checkpoints and the SIGTERM check after one
+        optimizer step (shared by both trainers). Returns True when the run must stop."""
+        progress.update(1)
+        if global_step % args.logging_steps == 0 or global_step == args.max_steps:
+            elapsed = max(time.perf_counter() - window.start, 1e-9)
+            loss, terms, items = self._reduce_window(window)
+            prefix = f"{stage.name}/train/"
+            rate_key = f"{prefix}{stage.throughput_unit}_per_second"
+            logs = {f"{prefix}loss": loss, f"{prefix}lr": lr()}
+            logs.update({f"{prefix}{k}": v for k, v in terms.items()})
+            logs[rate_key] = items / elapsed
+            if self.has_trackers:
+                self.accelerator.log(logs, step=global_step)
+            self._log_history(stage, global_step, logs)
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs[f'{prefix}lr']:.2e}", **{f"{stage.throughput_unit[:3]}/s": f"{logs[rate_key]:.0f}"})
+            window.reset()
+        before_end = global_step < args.max_steps
+        if args.eval_steps and global_step % args.eval_steps == 0 and before_end and eval_dl is not None:
+            self._evaluate(stage, model, eval_dl, global_step, ema)
+        if args.sample_steps and global_step % args.sample_steps == 0 and before_end:
+            self._samples(stage, model, global_step, ema)
+        if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and before_end:
+            self._save_checkpoint(ckpt_root, global_step, stage, args, epoch)
+        (term,) = self._any_process(self.signal_flag.received)
+        if term:
+            logger.info(f"SIGTERM received: writing a checkpoint at step {global_step} and stopping")
+            self._save_checkpoint(ckpt_root, global_step, stage, args, epoch)
+        return term
 
     def _log_history(self, stage: Stage, step: int, logs: dict):
         """Append the logged scalars to ``logs/log_history.jsonl`` (the HF Trainer's ``log_history``)."""

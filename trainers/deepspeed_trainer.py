@@ -39,7 +39,6 @@ import os
 import random
 import shutil
 import socket
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -63,7 +62,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from .accelerate_trainer import AccelerateTrainer, TrainingStopped, _SignalFlag, _step_seed, available_trackers
+from .accelerate_trainer import AccelerateTrainer, _LogWindow, _SignalFlag, _step_seed, available_trackers
 from .arguments import ConfigError, ExperimentConfig, TrainingArguments, resolve_deepspeed_config
 from .checkpointing import (
     CheckpointError,
@@ -392,8 +391,7 @@ class DeepSpeedTrainer(AccelerateTrainer):
             index_log = open(log_dir / f"data_indices_{stage.name}_rank{acc.process_index}.txt", "a")
 
         engine.train()
-        window_loss, window_items, window_steps, window_start = 0.0, 0, 0, time.perf_counter()
-        window_logs: dict = {}
+        window = _LogWindow()
         micro_step = global_step * args.gradient_accumulation_steps
         stopped = False
         epoch = first_epoch
@@ -409,52 +407,17 @@ class DeepSpeedTrainer(AccelerateTrainer):
                     gen = torch.Generator(device="cpu").manual_seed(_step_seed(args.seed, stage_index, micro_step, acc.process_index))
                     with self._autocast(engine):
                         out = stage.compute_loss(engine, batch, gen)
-                    (nonfinite,) = self._any_process(not bool(torch.isfinite(out.loss.detach()).all()))
-                    if nonfinite:
-                        last = find_resume_checkpoint(ckpt_root, "latest", skip_corrupt=True, stage=stage.name, must_exist=False)
-                        raise TrainingStopped(
-                            f"stage {stage.name}: non-finite loss ({out.loss.item()}) at step {global_step + 1}; "
-                            f"training stopped. Last good checkpoint: {last or 'none'} (resume with "
-                            f"--training.resume_from_checkpoint latest after lowering the learning rate)"
-                        )
+                    self._check_finite(out, stage, global_step, ckpt_root)
                     engine.backward(out.loss)  # scales by 1/accumulation like accelerate's backward
                     engine.step()  # on the boundary: reduce, clip, optimizer and scheduler step, zero grads
                     micro_step += 1
-                    window_loss += out.loss.detach().float().item()
-                    window_items += out.num_items
-                    window_steps += 1
-                    for key, value in out.logs.items():
-                        window_logs[key] = window_logs.get(key, 0.0) + float(value)
+                    window.add(out)
                     if not boundary:
                         continue
                     global_step += 1
-                    progress.update(1)
                     if ema is not None:
                         ema.step(engine.module.parameters())
-
-                    if global_step % args.logging_steps == 0 or global_step == args.max_steps:
-                        elapsed = max(time.perf_counter() - window_start, 1e-9)
-                        loss, terms, items = self._reduce_window(window_loss, window_steps, window_items, window_logs)
-                        logs = {f"{stage.name}/train/loss": loss, f"{stage.name}/train/lr": engine.get_lr()[0]}
-                        logs.update({f"{stage.name}/train/{k}": v for k, v in terms.items()})
-                        logs[f"{stage.name}/train/{stage.throughput_unit}_per_second"] = items / elapsed
-                        if self.has_trackers:
-                            acc.log(logs, step=global_step)
-                        self._log_history(stage, global_step, logs)
-                        progress.set_postfix(loss=f"{loss:.4f}", lr=f"{logs[f'{stage.name}/train/lr']:.2e}", **{f"{stage.throughput_unit[:3]}/s": f"{logs[f'{stage.name}/train/{stage.throughput_unit}_per_second']:.0f}"})
-                        window_loss, window_items, window_steps, window_start, window_logs = 0.0, 0, 0, time.perf_counter(), {}
-
-                    if args.eval_steps and global_step % args.eval_steps == 0 and global_step < args.max_steps and eval_dl is not None:
-                        self._evaluate(stage, engine, eval_dl, global_step, ema)
-                    if args.sample_steps and global_step % args.sample_steps == 0 and global_step < args.max_steps:
-                        self._samples(stage, engine, global_step, ema)
-                    if args.checkpointing_steps and global_step % args.checkpointing_steps == 0 and global_step < args.max_steps:
-                        self._save_checkpoint(ckpt_root, global_step, stage, args, epoch)
-
-                    (term,) = self._any_process(self.signal_flag.received)
-                    if term:
-                        logger.info(f"SIGTERM received: writing a checkpoint at step {global_step} and stopping")
-                        self._save_checkpoint(ckpt_root, global_step, stage, args, epoch)
+                    if self._after_optimizer_step(stage, args, global_step, epoch, engine, ema, eval_dl, ckpt_root, progress, window, lambda: engine.get_lr()[0]):
                         stopped = True
                         break
                     if global_step >= args.max_steps:
@@ -493,10 +456,10 @@ class DeepSpeedTrainer(AccelerateTrainer):
         self.accelerator.free_memory()
 
     # ------------------------------------------------------------------------------------------
-    def _reduce_window(self, loss_sum: float, steps: int, items: int, terms: dict) -> tuple[float, dict, float]:
+    def _reduce_window(self, window) -> tuple[float, dict, float]:
         """Mean loss and terms over the micro-batches of all ranks, and the items all ranks processed."""
-        keys = sorted(terms)
-        values = torch.tensor([loss_sum, float(steps), float(items), *(terms[k] for k in keys)], dtype=torch.float64, device=self.accelerator.device)
+        keys = sorted(window.terms)
+        values = torch.tensor([window.loss, float(window.steps), float(window.items), *(window.terms[k] for k in keys)], dtype=torch.float64, device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             values = self.accelerator.reduce(values, reduction="sum")
         values = values.tolist()
