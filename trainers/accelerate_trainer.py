@@ -292,27 +292,7 @@ class AccelerateTrainer:
         micro_per_epoch = len(train_dl)
         first_epoch, skip_batches = divmod(global_step * args.gradient_accumulation_steps, micro_per_epoch)
         total_batch = args.per_device_train_batch_size * acc.num_processes * args.gradient_accumulation_steps
-        logger.info("***** Running training *****")
-        logger.info(f"  Stage = {stage.name} ({stage_index + 1}/{len(self.task.stages())})")
-        logger.info(f"  Num examples = {len(train_dataset)}")
-        logger.info(f"  Num processes = {acc.num_processes}")
-        logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
-        logger.info(f"  Total train batch size (w. parallel & accumulation) = {total_batch}")
-        logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
-        logger.info(f"  Total optimization steps = {args.max_steps}")
-
-        progress = tqdm(
-            range(args.max_steps),
-            initial=global_step,
-            desc=f"{stage.name}",
-            disable=args.disable_progress_bar or not acc.is_local_main_process,
-            dynamic_ncols=True,
-        )
-        index_log = None
-        if args.record_data_indices:
-            log_dir = self.output_dir / "logs"
-            log_dir.mkdir(parents=True, exist_ok=True)
-            index_log = open(log_dir / f"data_indices_{stage.name}_rank{acc.process_index}.txt", "a")
+        progress, index_log = self._start_loop(stage, stage_index, args, len(train_dataset), total_batch, global_step)
 
         model.train()
         window = _LogWindow()
@@ -397,6 +377,33 @@ class AccelerateTrainer:
                 ema.restore(params)
 
         return swap()
+
+    def _start_loop(self, stage: Stage, stage_index: int, args: TrainingArguments, num_examples: int, total_batch: int, global_step: int, extra: tuple = ()):
+        """The ``***** Running training *****`` summary, the progress bar and the optional data-index log."""
+        acc = self.accelerator
+        logger.info(f"***** Running training ({type(self).__name__}) *****")
+        logger.info(f"  Stage = {stage.name} ({stage_index + 1}/{len(self.task.stages())})")
+        for line in extra:
+            logger.info(f"  {line}")
+        logger.info(f"  Num examples = {num_examples}")
+        logger.info(f"  Num processes = {acc.num_processes}")
+        logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
+        logger.info(f"  Total train batch size (w. parallel & accumulation) = {total_batch}")
+        logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
+        logger.info(f"  Total optimization steps = {args.max_steps}")
+        progress = tqdm(
+            range(args.max_steps),
+            initial=global_step,
+            desc=f"{stage.name}",
+            disable=args.disable_progress_bar or not acc.is_local_main_process,
+            dynamic_ncols=True,
+        )
+        index_log = None
+        if args.record_data_indices:
+            log_dir = self.output_dir / "logs"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            index_log = open(log_dir / f"data_indices_{stage.name}_rank{acc.process_index}.txt", "a")
+        return progress, index_log
 
     def _check_finite(self, out, stage: Stage, global_step: int, ckpt_root: Path):
         """Stop every rank (before any backward) when a loss is NaN or infinite on any of them."""

@@ -59,7 +59,6 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, send_to_device, set_seed
 from torch.utils.data import DataLoader, DistributedSampler
-from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .accelerate_trainer import AccelerateTrainer, _LogWindow, _SignalFlag, _step_seed, available_trackers
@@ -367,28 +366,10 @@ class DeepSpeedTrainer(AccelerateTrainer):
 
         micro_per_epoch = len(train_dl)
         first_epoch, skip_batches = divmod(global_step * args.gradient_accumulation_steps, micro_per_epoch)
-        logger.info("***** Running training (DeepSpeed) *****")
-        logger.info(f"  Stage = {stage.name} ({stage_index + 1}/{len(self.task.stages())})")
-        logger.info(f"  DeepSpeed config = {ds_path} (ZeRO stage {zero_stage})")
-        logger.info(f"  Num examples = {len(train_dataset)}")
-        logger.info(f"  Num processes = {acc.num_processes}")
-        logger.info(f"  Instantaneous batch size per device = {args.per_device_train_batch_size}")
-        logger.info(f"  Total train batch size (w. parallel & accumulation) = {engine.train_batch_size()}")
-        logger.info(f"  Gradient accumulation steps = {args.gradient_accumulation_steps}")
-        logger.info(f"  Total optimization steps = {args.max_steps}")
-
-        progress = tqdm(
-            range(args.max_steps),
-            initial=global_step,
-            desc=f"{stage.name}",
-            disable=args.disable_progress_bar or not acc.is_local_main_process,
-            dynamic_ncols=True,
+        progress, index_log = self._start_loop(
+            stage, stage_index, args, len(train_dataset), engine.train_batch_size(), global_step,
+            extra=(f"DeepSpeed config = {ds_path} (ZeRO stage {zero_stage})",),
         )
-        index_log = None
-        if args.record_data_indices:
-            log_dir = self.output_dir / "logs"
-            log_dir.mkdir(parents=True, exist_ok=True)
-            index_log = open(log_dir / f"data_indices_{stage.name}_rank{acc.process_index}.txt", "a")
 
         engine.train()
         window = _LogWindow()
