@@ -265,11 +265,12 @@ def test_render_model_card_unknown_family_names_available_ones(tmp_path):
 def test_render_model_card_reads_eval_results_and_config(output_dir):
     from trainers.hub import render_model_card
 
-    card = render_model_card(output_dir, "code_image", repo_id="u/m", extra={"tags": ["mnist"]})
+    repo_id = "u/m"  # only rendered into the card text, never fetched
+    card = render_model_card(output_dir, "code_image", repo_id=repo_id, extra={"tags": ["mnist"]})
     assert card.data.model_name == "m" and "mnist" in card.data.tags
     assert {r.metric_type for r in card.data.eval_results} == {"fid", "fid_floor", "class_accuracy", "bits_per_code",
                                                                "recon_psnr"}  # "step" is not a metric
-    assert 'from_pretrained("u/m")' in card.text
+    assert f'from_pretrained("{repo_id}")' in card.text
 
 
 # -- the server on its own, over plain HTTP ------------------------------------------------------------------------
