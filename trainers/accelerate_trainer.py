@@ -417,9 +417,14 @@ class AccelerateTrainer:
             )
 
     def _reduce_window(self, window: _LogWindow) -> tuple[float, dict, float]:
-        """Mean loss and terms of this process's micro-batches, and the items all processes handled."""
-        terms = {k: v / window.steps for k, v in window.terms.items()}
-        return window.loss / window.steps, terms, window.items * self.accelerator.num_processes
+        """Mean loss and terms over the micro-batches of all ranks (the global batch), and the items all
+        ranks processed. Every rank reaches a logging step at the same time, so this one all-reduce is safe."""
+        keys = sorted(window.terms)
+        values = torch.tensor([window.loss, float(window.steps), float(window.items), *(window.terms[k] for k in keys)], dtype=torch.float64, device=self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        values = values.tolist()
+        return values[0] / values[1], {k: v / values[1] for k, v in zip(keys, values[3:])}, values[2]
 
     def _after_optimizer_step(self, stage, args, global_step, epoch, model, ema, eval_dl, ckpt_root, progress, window, lr) -> bool:
         """Logging, periodic evaluation / sample grids / checkpoints and the SIGTERM check after one

@@ -25,7 +25,7 @@ Launch::
     deepspeed --num_gpus 2 --module trainers.train CONFIG.yaml --trainer deepspeed   # CPU: 2 ranks too
 
 The logged ``train/loss`` (and the other ``train/*`` terms) is the mean over all ranks, i.e. the
-loss of the global batch; AccelerateTrainer logs the main process's own micro-batches.
+loss of the global batch, as in AccelerateTrainer.
 """
 
 from __future__ import annotations
@@ -437,15 +437,6 @@ class DeepSpeedTrainer(AccelerateTrainer):
         self.accelerator.free_memory()
 
     # ------------------------------------------------------------------------------------------
-    def _reduce_window(self, window) -> tuple[float, dict, float]:
-        """Mean loss and terms over the micro-batches of all ranks, and the items all ranks processed."""
-        keys = sorted(window.terms)
-        values = torch.tensor([window.loss, float(window.steps), float(window.items), *(window.terms[k] for k in keys)], dtype=torch.float64, device=self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            values = self.accelerator.reduce(values, reduction="sum")
-        values = values.tolist()
-        return values[0] / values[1], {k: v / values[1] for k, v in zip(keys, values[3:])}, values[2]
-
     @torch.no_grad()
     def _consolidated_model(self, stage: Stage, engine) -> torch.nn.Module:
         """A plain copy of the model holding the fp32 master weights (gathered from every rank under
