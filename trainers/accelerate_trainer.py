@@ -219,18 +219,35 @@ class AccelerateTrainer:
             values = self.accelerator.reduce(values, reduction="sum")
         return [bool(v > 0) for v in values.tolist()]
 
-    def train_stage(self, stage: Stage, stage_index: int):
-        acc = self.accelerator
-        args = self.config.stage_training(stage.name)
+    def _stage_paths(self, stage: Stage, args: TrainingArguments):
+        """``(checkpoint root, final folder, resume, loaded model or None)`` of a stage. A stage already
+        complete under ``resume_from_checkpoint`` is loaded instead of trained; a fresh run clears the
+        stage's old checkpoints so it never mixes with an earlier run's."""
         ckpt_root = self.output_dir / "checkpoints" / stage.name
         final_dir = self.output_dir / stage.name
         resume = args.resume_from_checkpoint
         if resume is not None and stage_is_complete(ckpt_root, final_dir):
             logger.info(f"stage {stage.name}: already complete in {final_dir}, loading it")
-            return stage.load(str(final_dir))
+            return ckpt_root, final_dir, resume, stage.load(str(final_dir))
+        if resume is None and self.accelerator.is_main_process:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+        return ckpt_root, final_dir, resume, None
 
-        if resume is None and acc.is_main_process:
-            shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run never mixes with an older run's checkpoints
+    def _build_model(self, stage: Stage, args: TrainingArguments):
+        model = stage.build_model()
+        if args.gradient_checkpointing:
+            if not getattr(model, "supports_gradient_checkpointing", False):
+                raise ConfigError(f"training.gradient_checkpointing=true but {type(model).__name__} does not support it")
+            model.gradient_checkpointing_enable()
+        return model
+
+    def train_stage(self, stage: Stage, stage_index: int):
+        acc = self.accelerator
+        args = self.config.stage_training(stage.name)
+        ckpt_root, final_dir, resume, done = self._stage_paths(stage, args)
+        if done is not None:
+            return done
+
         set_seed(args.seed + stage_index)
         acc.gradient_accumulation_steps = args.gradient_accumulation_steps
         with acc.main_process_first():
@@ -251,11 +268,7 @@ class AccelerateTrainer:
         if eval_dataset is not None:
             eval_dl = DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, shuffle=False, collate_fn=collate)
 
-        model = stage.build_model()
-        if args.gradient_checkpointing:
-            if not getattr(model, "supports_gradient_checkpointing", False):
-                raise ConfigError(f"training.gradient_checkpointing=true but {type(model).__name__} does not support it")
-            model.gradient_checkpointing_enable()
+        model = self._build_model(stage, args)
         optimizer = self._build_optimizer(model, args)
         lr_scheduler = get_scheduler(args.lr_scheduler_type, optimizer=optimizer, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
         ema = None

@@ -69,7 +69,6 @@ from .checkpointing import (
     mark_stage_complete,
     prune_checkpoints,
     read_trainer_state,
-    stage_is_complete,
     write_checkpoint_manifest,
 )
 from .tasks import build_task
@@ -292,16 +291,11 @@ class DeepSpeedTrainer(AccelerateTrainer):
     def train_stage(self, stage: Stage, stage_index: int):
         acc = self.accelerator
         args = self.config.stage_training(stage.name)
-        ckpt_root = self.output_dir / "checkpoints" / stage.name
-        final_dir = self.output_dir / stage.name
-        resume = args.resume_from_checkpoint
-        if resume is not None and stage_is_complete(ckpt_root, final_dir):
-            logger.info(f"stage {stage.name}: already complete in {final_dir}, loading it")
-            return stage.load(str(final_dir))
+        ckpt_root, final_dir, resume, done = self._stage_paths(stage, args)
+        if done is not None:
+            return done
 
         raw_ds, ds_path = load_deepspeed_json(args)
-        if resume is None and acc.is_main_process:
-            shutil.rmtree(ckpt_root, ignore_errors=True)  # a fresh run never mixes with an older run's checkpoints
         set_seed(args.seed + stage_index)
         with acc.main_process_first():
             train_dataset, eval_dataset = stage.build_datasets(acc)
@@ -323,11 +317,7 @@ class DeepSpeedTrainer(AccelerateTrainer):
                 f"{args.per_device_train_batch_size} per process on {acc.num_processes} process(es)"
             )
 
-        model = stage.build_model()
-        if args.gradient_checkpointing:
-            if not getattr(model, "supports_gradient_checkpointing", False):
-                raise ConfigError(f"training.gradient_checkpointing=true but {type(model).__name__} does not support it")
-            model.gradient_checkpointing_enable()
+        model = self._build_model(stage, args)
         eval_dl = None
         if eval_dataset is not None:  # accelerate shards it and de-duplicates in gather_for_metrics
             eval_dl = acc.prepare(DataLoader(eval_dataset, batch_size=args.per_device_eval_batch_size, shuffle=False, collate_fn=collate))
