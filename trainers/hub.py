@@ -58,6 +58,24 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
             ("code_gpt", "CodeGPTForCausalLM", "AutoModelForCausalLM"),
         ],
     },
+    "dtm": {
+        "pipeline_tag": "unconditional-image-generation",
+        "datasets": ["ylecun/mnist"],
+        "task_type": "unconditional-image-generation",
+        "task_name": "Unconditional binary image generation",
+        "dataset_type": "ylecun/mnist",
+        "dataset_name": "MNIST (binarized)",
+        "dataset_split": "test",
+        "metrics": {
+            "fid": "Fréchet distance between classifier features of samples and of binarized test images (lower is better)",
+            "fid_floor": "the same FID between binarized test and binarized train images: the floor for this sample size",
+            "fid_bernoulli": "the same FID for independent Bernoulli pixels with the training set's per-pixel means",
+            "fid_code_image": "the same FID for binarized samples of latentheat's code-image system (when given)",
+            "predicted_class_entropy": "entropy (nats) of the classifier's predicted classes over the samples; ln 10 = 2.30 is uniform",
+            "mixing_tau_mean": "integrated autocorrelation time of the magnetization, in Gibbs sweeps, averaged over reverse steps",
+        },
+        "components": [("dtm", "DTMModel", "AutoModel")],
+    },
 }
 
 

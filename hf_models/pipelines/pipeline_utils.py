@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 
 from diffusers import DiffusionPipeline
@@ -24,7 +26,23 @@ class LatentheatPipelineMixin:
             download_keys = ("revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
             download_kwargs = {k: kwargs.pop(k) for k in download_keys if k in kwargs}
             path = snapshot_download(path, ignore_patterns=["checkpoints/*", "logs/*"], **download_kwargs)
+        _import_own_components(path)
         return super().from_pretrained(path, **kwargs)
+
+
+def _import_own_components(path: str):
+    """diffusers only loads a component class from a module that is already imported (it will not import a module
+    because a repository names it); import the latentheat modules that `model_index.json` names, and only those."""
+    index_file = os.path.join(path, "model_index.json")
+    if not os.path.isfile(index_file):
+        return
+    with open(index_file) as f:
+        index = json.load(f)
+    for name, spec in index.items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or not isinstance(spec[0], str):
+            continue
+        if spec[0] == "hf_models" or spec[0].startswith("hf_models."):
+            importlib.import_module(spec[0])
 
 
 def check_output_type(output_type: str, allowed=("pil", "np", "pt", "latent")):

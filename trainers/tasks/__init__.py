@@ -8,6 +8,7 @@ from ..arguments import ConfigError
 
 TASKS = {
     "code_image": "trainers.tasks.code_image:CodeImageTask",
+    "dtm": "trainers.tasks.dtm:DTMTask",
 }
 
 
