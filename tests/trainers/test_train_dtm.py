@@ -142,3 +142,39 @@ def test_evaluate_cli_reevaluates_with_more_sweeps(tiny_run):
     results = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert results["sweeps_per_step"] == 3 and results["evaluation/sweeps_per_step"] == 3
     assert results["fid"] > 0
+
+
+def test_magnetization_autocorrelation_of_an_ar1_series():
+    """AR(1) chains x_{k+1} = phi x_k + noise have rho(lag) = phi**lag and tau = (1 + phi) / (1 - phi)."""
+    from trainers.tasks.dtm import integrated_autocorrelation_time, magnetization_autocorrelation
+
+    gen = torch.Generator().manual_seed(0)
+    phi, sweeps, chains = 0.6, 4000, 64
+    x = torch.zeros(sweeps, chains, dtype=torch.float64)
+    noise = torch.randn(sweeps, chains, generator=gen, dtype=torch.float64)
+    for k in range(1, sweeps):
+        x[k] = phi * x[k - 1] + noise[k]
+    rho = magnetization_autocorrelation(x[100:], max_lag=5)
+    assert torch.allclose(rho, torch.tensor([phi**k for k in range(1, 6)], dtype=torch.float64), atol=0.02), rho
+    tau = integrated_autocorrelation_time(rho)
+    assert abs(tau - (1 + 2 * sum(phi**k for k in range(1, 6)))) < 0.1
+    # independent draws: no correlation, tau = 1
+    white = magnetization_autocorrelation(noise, max_lag=3)
+    assert white.abs().max() < 0.02 and integrated_autocorrelation_time(white) == 1.0
+    # frozen chains: undefined, reported as nan rather than a made-up number
+    assert torch.isnan(magnetization_autocorrelation(torch.ones(50, 4), 3)).all()
+
+
+def test_binary_images_layouts():
+    from trainers.tasks.dtm import binary_images
+
+    images = torch.zeros(3, 28, 28, dtype=torch.uint8)
+    images[:, 10:18, 12:16] = 255
+    labels = torch.tensor([0, 3, 6])
+    grey = binary_images(images, labels, 28, 1, 0.5)
+    assert grey.shape == (3, 1, 28, 28) and grey.sum().item() == 3 * 8 * 4
+    rgb = binary_images(images, labels, 64, 3, 0.5)
+    assert rgb.shape == (3, 3, 64, 64) and set(rgb.unique().tolist()) == {0.0, 1.0}
+    # class colours: label 0 -> (0, 0, 1), 3 -> (1, 0, 0), 6 -> (1, 1, 1); never black
+    on = rgb.amax(dim=(2, 3))
+    assert on.tolist() == [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
