@@ -148,8 +148,9 @@ class AccelerateTrainer:
         args = config.training
         self.output_dir = Path(args.output_dir)
         trackers = available_trackers(args.trackers)
-        if config.peft.enabled:
-            raise ConfigError("peft.enabled=true: LoRA training is not available in this release yet; set peft.enabled=false")
+        from .peft_utils import check_peft
+
+        check_peft(config, self.task)  # base folders and LoRA targets, before any training
         self.accelerator = Accelerator(
             cpu=use_cpu_backend(),
             mixed_precision=args.mixed_precision,
@@ -235,10 +236,18 @@ class AccelerateTrainer:
 
     def _build_model(self, stage: Stage, args: TrainingArguments):
         model = stage.build_model()
+        if self.config.peft.enabled:  # LoRA: the experiment's architecture with the base run's weights
+            from .peft_utils import load_stage_base
+
+            model = load_stage_base(stage, model, self.config.peft, len(self.task.stages()))
         if args.gradient_checkpointing:
             if not getattr(model, "supports_gradient_checkpointing", False):
                 raise ConfigError(f"training.gradient_checkpointing=true but {type(model).__name__} does not support it")
             model.gradient_checkpointing_enable()
+        if self.config.peft.enabled:
+            from .peft_utils import apply_lora
+
+            model = apply_lora(stage, model, self.config.peft)
         return model
 
     def train_stage(self, stage: Stage, stage_index: int):
@@ -358,10 +367,14 @@ class AccelerateTrainer:
             ema.copy_to(unwrapped.parameters())
         self._samples(stage, model, global_step, None)
         acc.wait_for_everyone()
+        from .peft_utils import save_stage
+
+        tmp = final_dir.with_name(final_dir.name + ".tmp")
         if acc.is_main_process:
-            tmp = final_dir.with_name(final_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            stage.save(unwrapped, str(tmp))
+        # LoRA: the adapter goes to <stage>/adapter, the merged model (on every process) to <stage>
+        unwrapped = save_stage(stage, unwrapped, str(tmp), self.config.peft, write=acc.is_main_process)
+        if acc.is_main_process:
             shutil.rmtree(final_dir, ignore_errors=True)
             os.replace(tmp, final_dir)
             mark_stage_complete(ckpt_root, global_step)

@@ -143,13 +143,58 @@ class HubArguments:
 
 @dataclass
 class PeftArguments:
-    """LoRA adapters (peft). Empty ``target_modules`` means the family's default."""
+    """LoRA fine-tuning (peft) of every stage from a pretrained base (``trainers/peft_utils.py``).
+
+    * ``base_model`` (required when ``enabled``): the output folder of a finished run of the same task. Stage
+      ``S`` starts from ``<base_model>/<S>`` (the stage's final folder, also the exported pipeline's component
+      folder); a one-stage task also takes the model folder itself. The architecture comes from the
+      experiment's ``model:`` section and must match the base's weights. LoRA on random weights is refused:
+      a low-rank update of an untrained model is a worse, slower way to train it from scratch, so a missing
+      base is almost surely a mistake.
+    * ``r`` (>= 1), ``lora_alpha`` (> 0), ``lora_dropout`` (in [0, 1)).
+    * ``target_modules``: null (each stage's defaults, ``Stage.peft_target_modules()``: code_gpt q/k/v/o_proj,
+      vq_tokenizer its Conv2d layers conv_in/conv1/conv2/conv_out), a list of module names for every stage, or
+      a mapping stage -> list. Names that match nothing are an error before training starts.
+
+    Only the adapters train; the base weights stay unchanged. At the end of stage ``S``,
+    ``<output_dir>/<S>/adapter/`` holds the adapter alone (``adapter_config.json``,
+    ``adapter_model.safetensors``, ``README.md``; ``PeftModel.from_pretrained(base, that folder)`` loads it,
+    ``python -m trainers.push <output_dir>/<S>/adapter REPO_ID`` pushes it) and ``<output_dir>/<S>/`` plus the
+    exported pipeline hold the merged weights. The dtm family cannot be LoRA-tuned (its weights are top-level
+    ``nn.Parameter`` tensors, which peft does not adapt); it fails with a ConfigError saying so.
+    """
 
     enabled: bool = False
+    base_model: Optional[str] = None
     r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.0
-    target_modules: Optional[list] = None
+    target_modules: Optional[object] = None  # list of names, or mapping stage -> list of names
+
+    def __post_init__(self):
+        if self.r < 1:
+            raise ConfigError(f"peft.r={self.r!r} is invalid: expected an integer >= 1 (the LoRA rank)")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"peft.lora_alpha={self.lora_alpha!r} is invalid: expected an integer > 0")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"peft.lora_dropout={self.lora_dropout!r} is invalid: expected a float in [0, 1)")
+        if self.base_model is not None and not str(self.base_model).strip():
+            self.base_model = None
+
+        def names_ok(value):
+            return isinstance(value, list) and all(isinstance(v, str) and v for v in value)
+
+        targets = self.target_modules
+        if targets is not None and not (names_ok(targets) or (isinstance(targets, dict) and all(isinstance(k, str) and names_ok(v) for k, v in targets.items()))):
+            raise ConfigError(
+                f"peft.target_modules={targets!r} is invalid: expected null (the family's defaults), a list of module "
+                f"names (e.g. [q_proj, v_proj]) or a mapping stage -> list of names"
+            )
+        if self.enabled and not self.base_model:
+            raise ConfigError(
+                "peft.enabled=true needs peft.base_model: the output folder of a finished run of this task (stage S "
+                "starts from <base_model>/<S>); LoRA on randomly initialised weights is not supported"
+            )
 
 
 @dataclass

@@ -248,10 +248,11 @@ class DeepSpeedTrainer(AccelerateTrainer):
     def __init__(self, config: ExperimentConfig, task: Optional[Task] = None):
         self.config = config
         args = config.training
-        if config.peft.enabled:
-            raise ConfigError("peft.enabled=true: LoRA training is not available in this release yet; set peft.enabled=false")
         load_deepspeed_json(args)  # a bad JSON fails before the process group starts
         self.task = task or build_task(config)
+        from .peft_utils import check_peft
+
+        check_peft(config, self.task)  # base folders and LoRA targets, before the process group starts
         self.output_dir = Path(args.output_dir)
         trackers = available_trackers(args.trackers)
         init_deepspeed_distributed()
@@ -409,10 +410,14 @@ class DeepSpeedTrainer(AccelerateTrainer):
             ema.copy_to(unwrapped.parameters())
         self._samples(stage, unwrapped, global_step, None)
         acc.wait_for_everyone()
+        from .peft_utils import save_stage
+
+        tmp = final_dir.with_name(final_dir.name + ".tmp")
         if acc.is_main_process:
-            tmp = final_dir.with_name(final_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            stage.save(unwrapped, str(tmp))
+        # LoRA: the adapter goes to <stage>/adapter, the merged model (on every process) to <stage>
+        unwrapped = save_stage(stage, unwrapped, str(tmp), self.config.peft, write=acc.is_main_process)
+        if acc.is_main_process:
             shutil.rmtree(final_dir, ignore_errors=True)
             os.replace(tmp, final_dir)
             mark_stage_complete(ckpt_root, global_step)
@@ -432,7 +437,9 @@ class DeepSpeedTrainer(AccelerateTrainer):
         """A plain copy of the model holding the fp32 master weights (gathered from every rank under
         ZeRO-1/2/3). Collective: every rank calls it and gets the copy."""
         with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
-            fresh = stage.build_model()
+            from .peft_utils import fresh_model
+
+            fresh = fresh_model(stage, self.config.peft)  # a PeftModel under LoRA: same parameter names
         targets = dict(fresh.named_parameters())
         for name, param in engine.module.named_parameters():
             full = safe_get_full_fp32_param(param) if param.requires_grad else None

@@ -48,6 +48,15 @@ class Stage:
         return None
 
     def peft_target_modules(self) -> list[str]:
+        """Default LoRA ``target_modules`` of this stage's model (``peft.target_modules`` overrides)."""
+        return []
+
+    def peft_target_parameters(self) -> list[str]:
+        """Default LoRA ``target_parameters`` (raw ``nn.Parameter`` names), used when there are no target modules."""
+        return []
+
+    def peft_modules_to_save(self) -> list[str]:
+        """Modules trained in full and saved with the adapter under LoRA (e.g. ones with EMA-updated buffers)."""
         return []
 
     # -- training ---------------------------------------------------------------------------

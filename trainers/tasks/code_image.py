@@ -282,6 +282,15 @@ class VQTokenizerStage(Stage):
         super().save(model, directory)
         self.task.vq_model = model
 
+    def peft_target_modules(self):
+        # every Conv2d of the encoder and decoder except the strided down-samplers (named by index); the
+        # decoder's ConvTranspose2d up-samplers have no LoRA layer in peft
+        return ["conv_in", "conv1", "conv2", "conv_out"]
+
+    def peft_modules_to_save(self):
+        # the codebook follows the (adapted) encoder by EMA: its buffers are saved with the adapter
+        return ["quantizer"]
+
 
 class CodeGPTStage(Stage):
     name = "code_gpt"

@@ -359,6 +359,10 @@ class DTMStage(Stage):
 
         return DTMModel.from_pretrained(directory)
 
+    def peft_target_parameters(self):
+        # no Linear/Conv layers: the energies are raw parameters (peft refuses top-level ones, see peft_utils)
+        return ["couplings", "biases", "xt_couplings"]
+
     def build_datasets(self, accelerator):
         return BinaryImageDataset(self.task.images("train")), BinaryImageDataset(self.task.images("test"))
 
