@@ -36,6 +36,9 @@ test-slow: install
 bench: install
 	$(PY) benchmarks/generation.py
 	$(PY) benchmarks/trainer_overhead.py
+	$(PY) benchmarks/solver.py
+	$(PY) benchmarks/gibbs_vs_thrml.py
+	$(PY) benchmarks/scaling.py
 
 clean:
 	rm -rf outputs .pytest_cache
