@@ -71,7 +71,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
             "fid_floor": "the same FID between binarized test and binarized train images: the floor for this sample size",
             "fid_bernoulli": "the same FID for independent Bernoulli pixels with the training set's per-pixel means",
             "fid_code_image": "the same FID for binarized samples of latentheat's code-image system (when given)",
-            "predicted_class_entropy": "entropy (nats) of the classifier's predicted classes over the samples; ln 10 = 2.30 is uniform",
+            "predicted_class_entropy": "entropy (bits) of the histogram of the classifier's predicted classes; log2 10 = 3.32 for balanced digits, near 0 for one class",
             "mixing_tau_mean": "integrated autocorrelation time of the magnetization, in Gibbs sweeps, averaged over reverse steps",
         },
         "components": [("dtm", "DTMModel", "AutoModel")],
