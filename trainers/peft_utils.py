@@ -87,6 +87,12 @@ def lora_config(peft_args: PeftArguments, stage: "Stage"):
     return LoraConfig(**kwargs)
 
 
+def _short_name(name: str) -> str:
+    """``encoder.blocks.0.0.conv1`` -> ``conv1``; ``encoder.down.1`` -> ``down.1`` (what target_modules matches)."""
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
+
+
 def apply_lora(stage: "Stage", model: torch.nn.Module, peft_args: PeftArguments):
     """Wrap ``model`` in a ``PeftModel`` with fresh LoRA adapters; everything else is frozen."""
     import peft
@@ -106,9 +112,10 @@ def apply_lora(stage: "Stage", model: torch.nn.Module, peft_args: PeftArguments)
                 f"so stage {stage.name} cannot be LoRA-tuned; train it without peft (peft.enabled=false)."
             )
         else:
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding))})
+            names = sorted({_short_name(n) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Embedding))})
             hint = f" Adaptable layer names in {type(model).__name__}: {', '.join(names) or 'none'}."
-        raise ConfigError(f"peft: stage {stage.name}: LoRA with {what}={sorted(targets) if isinstance(targets, (set, list)) else targets} failed: {err}.{hint}") from None
+        message = str(err).rstrip(".")
+        raise ConfigError(f"peft: stage {stage.name}: LoRA with {what}={sorted(targets) if isinstance(targets, (set, list)) else targets} failed: {message}.{hint}") from None
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     logger.info(f"stage {stage.name}: {trainable} trainable LoRA parameters of {sum(p.numel() for p in wrapped.parameters())}")
     return wrapped
@@ -153,10 +160,11 @@ def check_peft(config, task: "Task"):
         unknown = sorted(set(peft_args.target_modules) - names)
         if unknown:
             raise ConfigError(f"peft.target_modules names unknown stage(s) {unknown}; {task.name} has stages: {', '.join(s.name for s in stages)}")
-    for stage in stages:
-        base_model_dir(peft_args, stage, len(stages))
+    for stage in stages:  # targets first: a family peft cannot adapt says so whatever the base
         with torch.random.fork_rng(devices=[]):  # the dry run must not move the training RNG
             apply_lora(stage, stage.build_model(), peft_args)
+    for stage in stages:
+        base_model_dir(peft_args, stage, len(stages))
 
 
 ADAPTER_CARD = """---
