@@ -3,6 +3,10 @@
     python -m trainers.push OUTPUT_DIR REPO_ID [--private] [--token T] [--commit-message M] [--revision R]
     latentheat-push outputs/dtm_mnist my-user/dtm-mnist
 
+A LoRA run's adapter pushes on its own the same way (it carries its card):
+`python -m trainers.push OUTPUT_DIR/<stage>/adapter my-user/code-gpt-lora`; load it with
+`PeftModel.from_pretrained(base_model, "my-user/code-gpt-lora")`.
+
 `checkpoint-*/`, `checkpoints/`, `logs/` and `*.tmp` are not uploaded. The endpoint comes from `HF_ENDPOINT`, the
 token from `--token`, `HF_TOKEN` or `hf auth login`.
 """
