@@ -430,8 +430,7 @@ def thrml_gibbs_sweeps(
         import jax
         import jax.numpy as jnp
         import numpy as np
-        import thrml
-        from thrml.models import IsingEBM, IsingSamplingProgram
+        import thrml  # noqa: F401
     except ImportError as error:
         raise ImportError(
             "backend='thrml' needs the thrml library (JAX); install it with `pip install latentheat[thrml]` "
@@ -439,29 +438,59 @@ def thrml_gibbs_sweeps(
         ) from error
     if couplings.ndim != 1:
         raise ValueError("the thrml backend takes shared couplings (E,), not per-chain couplings")
-    B, N, N_v = state.shape[0], graph.num_sites, graph.num_visible
+    B = state.shape[0]
     to_np = lambda t: t.detach().to("cpu", torch.float32).numpy()  # noqa: E731
-    nodes = [thrml.SpinNode() for _ in range(N)]
-    condition_nodes = [thrml.SpinNode() for _ in range(N_v)]
-    edges = [(nodes[i], nodes[j]) for i, j in graph.edges.tolist()]
-    edges += [(nodes[i], condition_nodes[i]) for i in range(N_v)]
+    sampler = _thrml_sampler(graph, B, num_sweeps)
     weights = np.concatenate([to_np(couplings), to_np(condition_coupling)])
-    ebm = IsingEBM(nodes, edges, jnp.asarray(to_np(bias)), jnp.asarray(weights), jnp.array(1.0))
-    free_blocks = [thrml.Block([nodes[i] for i in sites.tolist()]) for sites in graph.color_sites]
-    program = IsingSamplingProgram(ebm, free_blocks, [thrml.Block(condition_nodes)])
-    schedule = thrml.SamplingSchedule(n_warmup=num_sweeps, n_samples=1, steps_per_sample=1)
     spins = state.detach().cpu() > 0
     init = [jnp.asarray(spins[:, sites.cpu()].numpy()) for sites in graph.color_sites]  # (B, n_c) bools
     clamp = [jnp.asarray((condition.detach().cpu() > 0).numpy())]  # (B, N_v)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device if generator else "cpu"))
     keys = jax.random.split(jax.random.key(seed), B)
+    samples = np.asarray(sampler(keys, init, clamp, jnp.asarray(to_np(bias)), jnp.asarray(weights)))  # (B, N) bools
+    return (torch.from_numpy(samples.astype(np.float32)) * 2 - 1).to(device=state.device, dtype=state.dtype)
+
+
+_THRML_CACHE: "dict" = {}
+_THRML_CACHE_SIZE = 8
+
+
+def _thrml_sampler(graph: "IsingGraph", batch: int, num_sweeps: int):
+    """A jitted, vmapped thrml sampler for `graph` taking `(keys, init, clamp, bias, weights)`: the weights are traced
+    inputs, so the program is built and compiled once per (graph, batch, sweeps) and reused for every reverse step
+    (building it costs seconds on the seed-size graph; compiling, up to a minute)."""
+    import jax
+    import jax.numpy as jnp
+    import thrml
+    from thrml.models import IsingEBM, IsingSamplingProgram
+
+    key = (id(graph), batch, num_sweeps)
+    hit = _THRML_CACHE.get(key)
+    if hit is not None and hit[0] is graph:  # the graph is kept alive by the cache, so its id is not reused
+        return hit[1]
+    N, N_v = graph.num_sites, graph.num_visible
+    nodes = [thrml.SpinNode() for _ in range(N)]
+    condition_nodes = [thrml.SpinNode() for _ in range(N_v)]
+    edges = [(nodes[i], nodes[j]) for i, j in graph.edges.tolist()]
+    edges += [(nodes[i], condition_nodes[i]) for i in range(N_v)]
+    free_blocks = [thrml.Block([nodes[i] for i in sites.tolist()]) for sites in graph.color_sites]
+    clamped = [thrml.Block(condition_nodes)]
+    schedule = thrml.SamplingSchedule(n_warmup=num_sweeps, n_samples=1, steps_per_sample=1)
     out_block = thrml.Block(nodes)
 
-    def run(key, init_state, clamp_state):
-        return thrml.sample_states(key, program, schedule, init_state, clamp_state, [out_block])[0][-1]
+    @jax.jit
+    def sample(keys, init, clamp, bias, weights):
+        program = IsingSamplingProgram(IsingEBM(nodes, edges, bias, weights, jnp.array(1.0)), free_blocks, clamped)
 
-    samples = np.asarray(jax.jit(jax.vmap(run))(keys, init, clamp))  # (B, N) bools
-    return (torch.from_numpy(samples.astype(np.float32)) * 2 - 1).to(device=state.device, dtype=state.dtype)
+        def run(key, init_state, clamp_state):
+            return thrml.sample_states(key, program, schedule, init_state, clamp_state, [out_block])[0][-1]
+
+        return jax.vmap(run)(keys, init, clamp)
+
+    if len(_THRML_CACHE) >= _THRML_CACHE_SIZE:
+        _THRML_CACHE.pop(next(iter(_THRML_CACHE)))
+    _THRML_CACHE[key] = (graph, sample)
+    return sample
 
 
 __all__ = [
