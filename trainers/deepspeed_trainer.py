@@ -39,6 +39,7 @@ import os
 import random
 import shutil
 import socket
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -62,6 +63,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import get_scheduler
 
 from .accelerate_trainer import AccelerateTrainer, _LogWindow, _SignalFlag, _step_seed, available_trackers
+
+# DeepSpeed 0.19 gathers ZeRO partitions with torch's deprecated all_gather_into_tensor on every step; torch warns
+# once per call site and process, which floods the log of a CPU run. The call is DeepSpeed's, not the user's.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 from .arguments import ConfigError, ExperimentConfig, TrainingArguments, resolve_deepspeed_config
 from .checkpointing import (
     CheckpointError,
