@@ -362,7 +362,7 @@ class AccelerateTrainer:
 
         if eval_dl is not None:
             self._evaluate(stage, model, eval_dl, global_step, ema)
-        unwrapped = acc.unwrap_model(model)
+        unwrapped = self._full_model(stage, model)
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
         self._samples(stage, model, global_step, None)
@@ -383,6 +383,29 @@ class AccelerateTrainer:
         acc._custom_objects.clear()  # free_memory keeps objects registered for checkpointing
         unwrapped.eval()
         return unwrapped
+
+    @torch.no_grad()
+    def _full_model(self, stage: Stage, model) -> torch.nn.Module:
+        """The trained model with whole weights on every process. Under DDP (or one process) that is the unwrapped
+        module; under FSDP or DeepSpeed-through-accelerate (GPU configs) the module holds shards, so the full state
+        dict is gathered with ``accelerator.get_state_dict`` (collective: every rank calls it; the main process gets
+        the weights), broadcast, and loaded into a fresh copy of the model."""
+        from accelerate.utils import DistributedType, broadcast_object_list
+
+        acc = self.accelerator
+        if acc.distributed_type not in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+            return acc.unwrap_model(model)
+        state = acc.get_state_dict(model)
+        payload = [{k: v.detach().cpu() for k, v in state.items()} if acc.is_main_process else None]
+        broadcast_object_list(payload, from_process=0)
+        with torch.random.fork_rng(devices=[]):  # building the copy must not move the training RNG
+            from .peft_utils import fresh_model
+
+            fresh = fresh_model(stage, self.config.peft)
+        missing, unexpected = fresh.load_state_dict(payload[0], strict=False)
+        if unexpected or [k for k in missing if not k.endswith("num_batches_tracked")]:
+            raise RuntimeError(f"stage {stage.name}: the gathered state dict does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return fresh.to(acc.device)
 
     # ------------------------------------------------------------------------------------------
     def _with_ema(self, model, ema):
