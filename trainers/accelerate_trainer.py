@@ -366,22 +366,28 @@ class AccelerateTrainer:
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
         self._samples(stage, model, global_step, None)
-        acc.wait_for_everyone()
+        unwrapped = self._save_final(stage, unwrapped, final_dir, ckpt_root, global_step)
+        acc.free_memory()
+        acc._custom_objects.clear()  # free_memory keeps objects registered for checkpointing
+        unwrapped.eval()
+        return unwrapped
+
+    def _save_final(self, stage: Stage, unwrapped, final_dir: Path, ckpt_root: Path, global_step: int):
+        """Write the stage's final folder atomically (``<stage>.tmp`` then rename) and mark the stage complete; under
+        LoRA the adapter goes to ``<stage>/adapter`` and the merged model (on every process) is returned."""
         from .peft_utils import save_stage
 
+        acc = self.accelerator
+        acc.wait_for_everyone()
         tmp = final_dir.with_name(final_dir.name + ".tmp")
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        # LoRA: the adapter goes to <stage>/adapter, the merged model (on every process) to <stage>
         unwrapped = save_stage(stage, unwrapped, str(tmp), self.config.peft, write=acc.is_main_process)
         if acc.is_main_process:
             shutil.rmtree(final_dir, ignore_errors=True)
             os.replace(tmp, final_dir)
             mark_stage_complete(ckpt_root, global_step)
         acc.wait_for_everyone()
-        acc.free_memory()
-        acc._custom_objects.clear()  # free_memory keeps objects registered for checkpointing
-        unwrapped.eval()
         return unwrapped
 
     @torch.no_grad()

@@ -63,21 +63,21 @@ from torch.utils.data import DataLoader, DistributedSampler
 from transformers import get_scheduler
 
 from .accelerate_trainer import AccelerateTrainer, _LogWindow, _SignalFlag, _step_seed, available_trackers
-
-# DeepSpeed 0.19 gathers ZeRO partitions with torch's deprecated all_gather_into_tensor on every step; torch warns
-# once per call site and process, which floods the log of a CPU run. The call is DeepSpeed's, not the user's.
-warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 from .arguments import ConfigError, ExperimentConfig, TrainingArguments, resolve_deepspeed_config
 from .checkpointing import (
     CheckpointError,
     find_resume_checkpoint,
-    mark_stage_complete,
     prune_checkpoints,
     read_trainer_state,
     write_checkpoint_manifest,
 )
 from .tasks import build_task
 from .tasks.base import Stage, Task
+
+
+# DeepSpeed 0.19 gathers ZeRO partitions with torch's deprecated all_gather_into_tensor on every step; torch warns
+# once per call site and process, which floods the log of a CPU run. The call is DeepSpeed's, not the user's.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 logger = get_logger(__name__)
 
@@ -414,19 +414,7 @@ class DeepSpeedTrainer(AccelerateTrainer):
         if ema is not None:
             ema.copy_to(unwrapped.parameters())
         self._samples(stage, unwrapped, global_step, None)
-        acc.wait_for_everyone()
-        from .peft_utils import save_stage
-
-        tmp = final_dir.with_name(final_dir.name + ".tmp")
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        # LoRA: the adapter goes to <stage>/adapter, the merged model (on every process) to <stage>
-        unwrapped = save_stage(stage, unwrapped, str(tmp), self.config.peft, write=acc.is_main_process)
-        if acc.is_main_process:
-            shutil.rmtree(final_dir, ignore_errors=True)
-            os.replace(tmp, final_dir)
-            mark_stage_complete(ckpt_root, global_step)
-        acc.wait_for_everyone()
+        unwrapped = self._save_final(stage, unwrapped, final_dir, ckpt_root, global_step)
         self._release(engine)
         unwrapped.eval()
         return unwrapped

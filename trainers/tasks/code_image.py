@@ -12,7 +12,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
@@ -20,23 +20,12 @@ from torch.utils.data import Dataset
 
 from ..arguments import ConfigError, check_config_kwargs, check_section
 from .base import Stage, StepOutput, Task
+from .mnist_data import MNISTDataArguments
 
 
 @dataclass
-class CodeImageDataArguments:
-    dataset: str = "mnist"
-    name_or_path: Optional[str] = None  # a Hub data set id or a local parquet file/folder with image + label
-    cache_dir: Optional[str] = None
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = 2000
-
-    def __post_init__(self):
-        if self.dataset != "mnist":
-            raise ConfigError(f"data.dataset={self.dataset!r} is not supported by code_image; allowed: mnist (or set data.name_or_path to a data set with the same schema)")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"data.{name}={value} must be >= 1 or null")
+class CodeImageDataArguments(MNISTDataArguments):
+    task_name: ClassVar[str] = "code_image"
 
 
 @dataclass
@@ -136,13 +125,7 @@ class CodeImageTask(Task):
     def mnist(self, split: str):
         """uint8 images (N, 28, 28) and int64 labels of a split, loaded once."""
         if split not in self._mnist:
-            from hf_models.data.mnist import load_mnist, mnist_tensors
-
-            ds = load_mnist(split, cache_dir=self.data_args.cache_dir, name_or_path=self.data_args.name_or_path)
-            images, labels = mnist_tensors(ds)
-            limit = self.data_args.max_train_samples if split == "train" else self.data_args.max_eval_samples
-            if limit is not None:
-                images, labels = images[:limit], labels[:limit]
+            images, labels = self.data_args.load(split)
             self._mnist[split] = (images, labels)
         return self._mnist[split]
 

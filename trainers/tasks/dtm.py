@@ -10,11 +10,10 @@ autocorrelation of the magnetization across Gibbs sweeps at every reverse step).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +21,7 @@ from torch.utils.data import Dataset
 
 from ..arguments import ConfigError, check_config_kwargs, check_section
 from .base import Stage, StepOutput, Task
+from .mnist_data import MNISTDataArguments
 
 
 MNIST_SIDE = 28
@@ -30,20 +30,8 @@ _CLASS_COLOURS = torch.tensor([[(k >> 2) & 1, (k >> 1) & 1, k & 1] for k in rang
 
 
 @dataclass
-class DTMDataArguments:
-    dataset: str = "mnist"
-    name_or_path: Optional[str] = None  # a Hub data set id or a local parquet file/folder with image + label
-    cache_dir: Optional[str] = None
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = 2000
-
-    def __post_init__(self):
-        if self.dataset != "mnist":
-            raise ConfigError(f"data.dataset={self.dataset!r} is not supported by dtm; allowed: mnist (or set data.name_or_path to a data set with the same schema)")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"data.{name}={value} must be >= 1 or null")
+class DTMDataArguments(MNISTDataArguments):
+    task_name: ClassVar[str] = "dtm"
 
 
 @dataclass
@@ -178,13 +166,7 @@ class DTMTask(Task):
     def images(self, split: str) -> torch.Tensor:
         """Binary images of a split in the model's layout ``(N, C, S, S)``, loaded once."""
         if split not in self._images:
-            from hf_models.data.mnist import load_mnist, mnist_tensors
-
-            ds = load_mnist(split, cache_dir=self.data_args.cache_dir, name_or_path=self.data_args.name_or_path)
-            images, labels = mnist_tensors(ds)
-            limit = self.data_args.max_train_samples if split == "train" else self.data_args.max_eval_samples
-            if limit is not None:
-                images, labels = images[:limit], labels[:limit]
+            images, labels = self.data_args.load(split)
             c = self.dtm_config
             self._images[split] = binary_images(images, labels, c.image_size, c.num_channels, c.binarize_threshold)
         return self._images[split]
