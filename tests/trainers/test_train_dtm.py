@@ -204,4 +204,23 @@ def test_deepspeed_zero2_trains_the_dtm(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     images = pipe(batch_size=2, generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert images.shape == (2, 1, 28, 28)
-    assert set(load_file(str(out / "dtm" / "model.safetensors"))["fantasy_chains"].unique().tolist()) == {-1.0, 1.0}
+    final = load_file(str(out / "dtm" / "model.safetensors"))
+    assert set(final["fantasy_chains"].unique().tolist()) == {-1.0, 1.0}
+
+    # roll back to checkpoint-5 and resume: the same losses and the same final chains (rank 0's chains are shared
+    # with rank 1 at every step, so the checkpoint holds everything the run needs)
+    resumed = tmp_path / "ds_resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "dtm")
+    (resumed / "checkpoints" / "dtm" / "stage_complete.json").unlink()
+    (resumed / "logs" / "log_history.jsonl").unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        launcher[-1] = str(s.getsockname()[1])
+    run_train(resumed, "--trainer", "deepspeed", "--training.logging_steps", "1", "--training.resume_from_checkpoint", "latest", config=config, launcher=launcher)
+    after = history(resumed)
+    assert [r["step"] for r in after] == [6, 7, 8, 9, 10]
+    for a, b in zip(after, rows[5:]):
+        assert abs(a["train/loss"] - b["train/loss"]) <= 1e-6, (a, b)
+    again = load_file(str(resumed / "dtm" / "model.safetensors"))
+    assert torch.equal(again["fantasy_chains"], final["fantasy_chains"])

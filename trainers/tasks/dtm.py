@@ -328,6 +328,20 @@ class DTMTask(Task):
         return image_grid((strip + 1) / 2, nrow=cols)
 
 
+def _share_fantasy_chains(model):
+    """Every rank starts its negative phase from rank 0's persistent chains, which are the ones a checkpoint saves, so
+    a resumed multi-process run continues exactly. DDP does this itself (it broadcasts buffers before each forward);
+    a DeepSpeed engine does not, so the chains are broadcast here."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and model.broadcast_buffers:
+        return
+    module = getattr(model, "module", model)
+    dist.broadcast(module.fantasy_chains, src=0)
+
+
 class DTMStage(Stage):
     name = "dtm"
 
@@ -349,6 +363,7 @@ class DTMStage(Stage):
         return BinaryImageDataset(self.task.images("train")), BinaryImageDataset(self.task.images("test"))
 
     def compute_loss(self, model, batch, generator):
+        _share_fantasy_chains(model)
         out = model(pixel_values=batch["pixel_values"], generator=generator)
         logs = {"cd_loss": out.cd_loss.item(), "dsm_loss": out.dsm_loss.item()}
         return StepOutput(loss=out.loss, logs=logs, num_items=batch["pixel_values"].shape[0])
