@@ -1,0 +1,219 @@
+"""Scheduler of the thermalizer (Pedersen, Zanna, Bruna, ICML 2025): a DDPM schedule over embedding grids plus the
+`thermalize` step that pulls drifted emulator states back onto the invariant measure."""
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+
+# `thermalize` feeds the model's `noise_pred` to the DDPM step and draws no variance from the model
+PREDICTION_TYPES = ("epsilon",)
+VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log")
+
+
+@dataclass
+class ThermalizerSchedulerOutput(BaseOutput):
+    r"""
+    sample (`torch.FloatTensor` of shape `(batch, C, H, W)`):
+        The batch after thermalization: fired items denoised to level `s_stop`, all others bit-identical to the input.
+    levels (`torch.LongTensor` of shape `(batch,)`):
+        The noise level of each input item (given, or the argmax of the model's `level_logits`).
+    fired (`torch.BoolTensor` of shape `(batch,)`):
+        `s_init < levels <= s_max`: the items that were denoised.
+    stopped (`torch.BoolTensor` of shape `(batch,)`):
+        `levels > s_max`: the rollout of that item is declared dead; the item is returned unchanged.
+    num_model_calls (`int`):
+        Forward passes of `model` made by this call (the level classification when `levels` was not given, plus one
+        per denoising level; each pass sees only the items active at that level). `0` for `noise_control=True` with
+        `levels` given.
+    """
+
+    sample: torch.FloatTensor
+    levels: torch.LongTensor
+    fired: torch.BoolTensor
+    stopped: torch.BoolTensor
+    num_model_calls: int = 0
+
+
+class ThermalizerScheduler(DDPMScheduler):
+    r"""
+    DDPM noise schedule over embedding grids `(B, C, H, W)` (normalized to about unit variance by the caller) with the
+    thermalizer's corrective step. A subclass of diffusers' `DDPMScheduler`: `add_noise`, `set_timesteps`, `step` (one
+    reverse step `t -> t-1`, returning `DDPMSchedulerOutput`) and the schedule tables are DDPM's, only the defaults
+    differ (cosine betas, no clipping: embeddings are not in `[-1, 1]`). The `__init__` takes every `DDPMScheduler`
+    argument, so the saved `scheduler_config.json` is complete (`DDPMScheduler.from_config` reads it too, ignoring
+    the `s_*` fields with a warning).
+
+    `thermalize(model, sample)` reads each item's noise level `s` from the model's classifier head. Items with
+    `s_init < s <= s_max` are treated as DDPM samples at level `s` and denoised by ancestral DDPM steps down to level
+    `s_stop`; items with `s > s_max` are flagged `stopped` (the rollout is dead); all items that are not denoised are
+    returned bit-identical.
+
+    Args:
+        num_train_timesteps (`int`, defaults to 1000): number of noise levels `T`; levels are `0, ..., T-1`.
+        beta_schedule (`str`, defaults to `"squaredcos_cap_v2"`): DDPM's beta schedule (cosine by default).
+        variance_type (`str`, defaults to `"fixed_small"`): one of `VARIANCE_TYPES` (the model predicts no variance).
+        clip_sample (`bool`, defaults to `False`): DDPM's clipping of the predicted `x_0`.
+        prediction_type (`str`, defaults to `"epsilon"`): the model predicts the noise (`noise_pred`).
+        s_init (`int`, defaults to 10): an item whose predicted level exceeds `s_init` is thermalized.
+        s_stop (`int`, defaults to 4): the level thermalization denoises down to.
+        s_max (`int`, defaults to 200): an item whose predicted level exceeds `s_max` is flagged `stopped`.
+        Other arguments: as in `DDPMScheduler`.
+
+    Example:
+
+    ```python
+    >>> scheduler = ThermalizerScheduler(s_init=10, s_stop=4, s_max=200)
+    >>> generator = torch.Generator().manual_seed(0)
+    >>> out = scheduler.thermalize(thermalizer_model, state, generator=generator)  # state: (B, C, H, W)
+    >>> state, alive = out.sample, ~out.stopped
+    ```
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "squaredcos_cap_v2",
+        trained_betas: Optional[Union[np.ndarray, list]] = None,
+        variance_type: str = "fixed_small",
+        clip_sample: bool = False,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        s_init: int = 10,
+        s_stop: int = 4,
+        s_max: int = 200,
+    ):
+        if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) or num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps={num_train_timesteps!r} is invalid: expected an int >= 2")
+        for name, value in (("s_init", s_init), ("s_stop", s_stop), ("s_max", s_max)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ValueError(f"{name}={value!r} is invalid: expected an int")
+        if not 0 <= s_stop < s_init <= s_max < num_train_timesteps:
+            raise ValueError(
+                f"s_stop={s_stop}, s_init={s_init}, s_max={s_max} with num_train_timesteps={num_train_timesteps} are "
+                f"invalid: expected 0 <= s_stop < s_init <= s_max < num_train_timesteps"
+            )
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type={prediction_type!r} is invalid: expected one of {PREDICTION_TYPES} (the "
+                f"thermalizer's model predicts the noise)"
+            )
+        if variance_type not in VARIANCE_TYPES:
+            raise ValueError(
+                f"variance_type={variance_type!r} is invalid: expected one of {VARIANCE_TYPES} (the thermalizer's "
+                f"model predicts no variance)"
+            )
+        # DDPM's own decorated __init__ registers the same values again (a merge, no conflict)
+        super().__init__(
+            num_train_timesteps=num_train_timesteps,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            beta_schedule=beta_schedule,
+            trained_betas=trained_betas,
+            variance_type=variance_type,
+            clip_sample=clip_sample,
+            prediction_type=prediction_type,
+            thresholding=thresholding,
+            dynamic_thresholding_ratio=dynamic_thresholding_ratio,
+            clip_sample_range=clip_sample_range,
+            sample_max_value=sample_max_value,
+            timestep_spacing=timestep_spacing,
+            steps_offset=steps_offset,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+        )
+
+    @staticmethod
+    def _noise_pred(output) -> torch.Tensor:
+        return output if isinstance(output, torch.Tensor) else output.noise_pred
+
+    @torch.no_grad()
+    def thermalize(
+        self,
+        model,
+        sample: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        levels: Optional[torch.Tensor] = None,
+        noise_control: bool = False,
+        return_dict: bool = True,
+    ) -> Union[ThermalizerSchedulerOutput, tuple]:
+        """
+        One thermalization of a batch of emulator states.
+
+        For every fired item (`s_init < levels <= s_max`), the loop `t = max(levels[fired]), ..., s_stop + 1` runs
+        the items with `levels >= t` (only that sub-batch goes through `model`) through one DDPM reverse step
+        `t -> t-1` (`self.step`), so item `i` gets exactly `levels[i] - s_stop` steps and ends at level `s_stop`.
+        Steps are always single levels, whatever `set_timesteps` was called with before (it is restored after).
+
+        Args:
+            model (`Callable`): `model(x)` returns an object with `.noise_pred` (the shape of `x`) and `.level_logits`
+                `(batch, num_train_timesteps)` (a `ThermalizerModel`); a plain tensor is taken as `noise_pred`.
+            sample (`torch.FloatTensor` of shape `(batch, C, H, W)`): the states; not modified.
+            generator (`torch.Generator`, *optional*): the only source of randomness.
+            levels (`torch.LongTensor` of shape `(batch,)`, *optional*): noise levels of the items; by default
+                `model(sample).level_logits.argmax(-1)`.
+            noise_control (`bool`, defaults to `False`): the noise-only control arm. Same levels, firing decisions
+                and DDPM steps (with their ancestral noise), but the model's `noise_pred` is replaced by standard
+                Gaussian noise drawn from `generator`: no learned denoising, so it isolates the effect of the
+                noising/renoising mechanics from that of the denoiser. The model is then only called to classify
+                levels (when `levels` is `None`).
+            return_dict (`bool`, defaults to `True`): return a `ThermalizerSchedulerOutput`, else its tuple.
+        """
+        if sample.ndim < 2:
+            raise ValueError(f"sample has shape {tuple(sample.shape)}: expected (batch, C, H, W)")
+        B = sample.shape[0]
+        num_model_calls = 0
+        if levels is None:
+            levels = model(sample).level_logits.argmax(-1)
+            num_model_calls += 1
+        levels = torch.as_tensor(levels).to(device=sample.device, dtype=torch.long)
+        if levels.shape != (B,):
+            raise ValueError(f"levels has shape {tuple(levels.shape)}: expected ({B},), one level per item of sample")
+        cfg = self.config
+        stopped = levels > cfg.s_max
+        fired = (levels > cfg.s_init) & ~stopped
+        x = sample.clone()
+        if bool(fired.any()):
+            top = int(levels[fired].max())
+            saved = self.num_inference_steps, self.custom_timesteps
+            # with neither set, DDPM's previous_timestep(t) is t - 1
+            self.num_inference_steps, self.custom_timesteps = None, False
+            try:
+                for t in range(top, cfg.s_stop, -1):
+                    active = fired & (levels >= t)
+                    x_t = x[active]
+                    if noise_control:
+                        eps = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+                    else:
+                        eps = self._noise_pred(model(x_t))
+                        num_model_calls += 1
+                        if eps.shape != x_t.shape:
+                            raise ValueError(
+                                f"model returned noise_pred of shape {tuple(eps.shape)} for input of shape "
+                                f"{tuple(x_t.shape)}: expected the same shape"
+                            )
+                    x[active] = self.step(eps, t, x_t, generator=generator).prev_sample.to(x.dtype)
+            finally:
+                self.num_inference_steps, self.custom_timesteps = saved
+        if not return_dict:
+            return (x, levels, fired, stopped, num_model_calls)
+        return ThermalizerSchedulerOutput(
+            sample=x, levels=levels, fired=fired, stopped=stopped, num_model_calls=num_model_calls
+        )
+
+
+__all__ = ["ThermalizerScheduler", "ThermalizerSchedulerOutput"]

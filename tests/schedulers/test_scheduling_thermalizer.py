@@ -1,0 +1,328 @@
+"""ThermalizerScheduler: config round trip and validation, the thermalize step against the exact marginal of Gaussian
+data with an oracle denoiser (and the noise-only control failing it), firing/stopping flags and per-item model
+evaluations in mixed batches, determinism."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+
+from hf_models.schedulers import ThermalizerScheduler, ThermalizerSchedulerOutput
+
+
+torch.set_num_threads(1)
+
+T = 1000
+MU, SIGMA = 0.7, 0.2
+
+
+def test_config_round_trip_and_cosine_schedule(tmp_path):
+    scheduler = ThermalizerScheduler(s_init=12, s_stop=3, s_max=150)
+    assert scheduler.config.beta_schedule == "squaredcos_cap_v2" and scheduler.config.clip_sample is False
+    reference = DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2")
+    assert torch.equal(scheduler.alphas_cumprod, reference.alphas_cumprod)
+    assert torch.equal(scheduler.betas, reference.betas)
+
+    scheduler.save_config(tmp_path)
+    loaded = ThermalizerScheduler.from_pretrained(tmp_path)
+    assert type(loaded) is ThermalizerScheduler
+    assert (loaded.config.s_init, loaded.config.s_stop, loaded.config.s_max) == (12, 3, 150)
+    assert torch.equal(loaded.betas, scheduler.betas)
+    assert torch.equal(loaded.alphas_cumprod, scheduler.alphas_cumprod)
+    assert {k: v for k, v in loaded.config.items() if not k.startswith("_")} == {
+        k: v for k, v in scheduler.config.items() if not k.startswith("_")
+    }
+
+    linear = ThermalizerScheduler(beta_schedule="linear", num_train_timesteps=300, s_max=250)
+    linear.save_pretrained(tmp_path / "linear")
+    loaded = ThermalizerScheduler.from_pretrained(tmp_path / "linear")
+    assert loaded.config.num_train_timesteps == 300 and loaded.config.s_max == 250
+    assert torch.equal(loaded.betas, DDPMScheduler(num_train_timesteps=300).betas)
+
+
+@pytest.mark.parametrize(
+    "kwargs, names",
+    [
+        (dict(s_stop=-1), ["s_stop=-1", "0 <= s_stop"]),
+        (dict(s_stop=10, s_init=10), ["s_stop=10", "s_init=10", "s_stop < s_init"]),
+        (dict(s_init=30, s_max=20), ["s_init=30", "s_max=20", "s_init <= s_max"]),
+        (dict(s_max=1000), ["s_max=1000", "num_train_timesteps=1000", "s_max < num_train_timesteps"]),
+        (dict(num_train_timesteps=100), ["s_max=200", "num_train_timesteps=100"]),
+        (dict(s_init=10.5), ["s_init=10.5", "int"]),
+        (dict(s_max=True), ["s_max=True", "int"]),
+        (dict(prediction_type="v_prediction"), ["prediction_type='v_prediction'", "epsilon"]),
+        (dict(variance_type="learned_range"), ["variance_type='learned_range'", "fixed_small"]),
+    ],
+)
+def test_invalid_settings_raise_naming_the_fields(kwargs, names):
+    with pytest.raises(ValueError) as info:
+        ThermalizerScheduler(**kwargs)
+    for name in names:
+        assert name in str(info.value), (name, str(info.value))
+
+
+def test_valid_boundaries_are_accepted():
+    scheduler = ThermalizerScheduler(num_train_timesteps=20, s_stop=0, s_init=19, s_max=19)
+    assert (scheduler.config.s_stop, scheduler.config.s_init, scheduler.config.s_max) == (0, 19, 19)
+
+
+def test_step_is_one_ddpm_level_without_set_timesteps():
+    """`step(eps, t, x)` on a fresh scheduler is the DDPM posterior step t -> t-1 (formula (7) of Ho et al.)."""
+    scheduler = ThermalizerScheduler()
+    x = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(1))
+    t = 37
+    out = scheduler.step(eps, t, x, generator=torch.Generator().manual_seed(2))
+    assert isinstance(out, DDPMSchedulerOutput)
+    ab = scheduler.alphas_cumprod.double()
+    a_t, a_prev = ab[t], ab[t - 1]
+    beta = 1 - a_t / a_prev
+    x0 = (x.double() - (1 - a_t).sqrt() * eps.double()) / a_t.sqrt()
+    mean = a_prev.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x.double()
+    z = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(2)).double()
+    expected = mean + ((1 - a_prev) / (1 - a_t) * beta).sqrt() * z
+    assert torch.allclose(out.prev_sample.double(), expected, atol=1e-5)
+
+
+# ---- exactness with the oracle denoiser of Gaussian data ----
+
+
+class GaussianOracle(torch.nn.Module):
+    """The optimal noise predictor for x0 ~ N(mu, sigma^2 I): E[eps | x_t] = sqrt(1-ab) (x_t - sqrt(ab) mu) /
+    (ab sigma^2 + 1 - ab). The scheduler passes only the sample, so the oracle, used on a batch whose items all start
+    at level `start`, assumes its k-th call is at level `start - k`; it records the levels it assumed, and the test
+    checks them against the timesteps the scheduler actually stepped."""
+
+    def __init__(self, alphas_cumprod, start, mu=MU, sigma=SIGMA):
+        super().__init__()
+        self.alphas_cumprod = alphas_cumprod.double()
+        self.t, self.mu, self.sigma = start, mu, sigma
+        self.levels_used = []
+
+    def forward(self, x):
+        ab = self.alphas_cumprod[self.t]
+        eps = (1 - ab).sqrt() * (x.double() - ab.sqrt() * self.mu) / (ab * self.sigma**2 + 1 - ab)
+        self.levels_used.append(self.t)
+        self.t -= 1
+        return SimpleNamespace(noise_pred=eps.to(x.dtype), level_logits=None)
+
+
+def record_steps(scheduler):
+    """Wrap `scheduler.step` (on this instance) to record the timesteps it is called with."""
+    seen, original = [], scheduler.step
+
+    def step(model_output, timestep, sample, **kwargs):
+        seen.append(int(timestep))
+        return original(model_output, timestep, sample, **kwargs)
+
+    scheduler.step = step
+    return seen
+
+
+def forward_law(ab, s, s_stop):
+    """The exact forward-process law: x_stop ~ N(sqrt(ab_stop) mu, V_stop) and x_s = sqrt(ab_s / ab_stop) x_stop +
+    independent noise, so the slope of E[x_stop | x_s] is sqrt(ab_s / ab_stop) V_stop / V_s."""
+    v_stop, v_s = ab[s_stop] * SIGMA**2 + 1 - ab[s_stop], ab[s] * SIGMA**2 + 1 - ab[s]
+    return math.sqrt(ab[s_stop]) * MU, v_stop, math.sqrt(ab[s] / ab[s_stop]) * v_stop / v_s
+
+
+def ddpm_chain_law(ab, s, s_stop):
+    """The law the DDPM chain with the oracle gives exactly (each step is linear-Gaussian): mean, variance and slope
+    on x_s of x_stop."""
+    m, v, slope = math.sqrt(ab[s]) * MU, ab[s] * SIGMA**2 + 1 - ab[s], 1.0
+    for t in range(s, s_stop, -1):
+        a_t, a_prev = ab[t], ab[t - 1]
+        beta = 1 - a_t / a_prev
+        k = math.sqrt(1 - a_t) / (a_t * SIGMA**2 + 1 - a_t)  # eps = k (x - sqrt(a_t) mu)
+        c0, ct = math.sqrt(a_prev) * beta / (1 - a_t), math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)
+        A = c0 * (1 - math.sqrt(1 - a_t) * k) / math.sqrt(a_t) + ct
+        bias = c0 * math.sqrt(1 - a_t) * k * MU
+        m, v, slope = A * m + bias, A * A * v + (1 - a_prev) / (1 - a_t) * beta, A * slope
+    return m, v, slope
+
+
+def z_scores(x_s, x_stop, mean_exact, var_exact, slope_exact):
+    """z-scores of the sample mean, variance and regression slope of x_stop on x_s (all entries are independent)."""
+    a, b = x_s.double().flatten(), x_stop.double().flatten()
+    n = a.numel()
+    mean, var = b.mean(), b.var()
+    slope = ((a - a.mean()) * (b - mean)).mean() / a.var()
+    resid = b - mean - slope * (a - a.mean())
+    return {
+        "mean": float((mean - mean_exact) / math.sqrt(var_exact / n)),
+        "var": float((var - var_exact) / (var_exact * math.sqrt(2 / n))),
+        "slope": float((slope - slope_exact) / (resid.std() / (a.std() * math.sqrt(n)))),
+    }
+
+
+@pytest.mark.parametrize("noise_control", [False, True])
+def test_thermalize_with_oracle_matches_exact_law(noise_control):
+    s, s_stop = 60, 4
+    scheduler = ThermalizerScheduler(s_init=10, s_stop=s_stop, s_max=200)
+    ab = scheduler.alphas_cumprod.double().tolist()
+    N = 4096
+    gen = torch.Generator().manual_seed(0)
+    x0 = MU + SIGMA * torch.randn(N, 1, 8, 8, generator=gen)
+    x_s = scheduler.add_noise(x0, torch.randn(N, 1, 8, 8, generator=gen), torch.full((N,), s))
+
+    # With the oracle, E[x_{t-1} | x_t] of each DDPM step is exact, so the mean and the slope of E[x_stop | x_s] are
+    # those of the forward process. The fixed_small variance beta~_t drops c0^2 Var(x0 | x_t) per step, which sums to
+    # about 1% of V_stop here (4 standard errors at this sample size), so the variance is checked against the
+    # chain's exact value, and that against the marginal at 1.5%.
+    mean_fwd, var_fwd, slope_fwd = forward_law(ab, s, s_stop)
+    mean_chain, var_chain, slope_chain = ddpm_chain_law(ab, s, s_stop)
+    assert math.isclose(mean_chain, mean_fwd, rel_tol=1e-9) and math.isclose(slope_chain, slope_fwd, rel_tol=1e-9)
+    assert var_chain < var_fwd and math.isclose(var_chain, var_fwd, rel_tol=0.015)
+
+    oracle = GaussianOracle(scheduler.alphas_cumprod, start=s)
+    stepped = record_steps(scheduler)
+    out = scheduler.thermalize(
+        oracle, x_s, generator=torch.Generator().manual_seed(1), levels=torch.full((N,), s), noise_control=noise_control
+    )
+    assert isinstance(out, ThermalizerSchedulerOutput)
+    assert bool(out.fired.all()) and not bool(out.stopped.any())
+    assert stepped == list(range(s, s_stop, -1))
+    z = z_scores(x_s, out.sample, mean_fwd, var_chain, slope_fwd)
+    if not noise_control:
+        assert oracle.levels_used == stepped and out.num_model_calls == s - s_stop
+        assert all(abs(v) < 5 for v in z.values()), z
+    else:
+        # noise only: no model call; any zero-mean eps keeps the unconditional mean, but the variance grows instead
+        # of shrinking and E[x_stop | x_s] is not pulled towards the data (slope ~ 1 instead of ~ 0.6)
+        assert oracle.levels_used == [] and out.num_model_calls == 0
+        assert abs(z["var"]) > 50 and abs(z["slope"]) > 50, z
+
+
+# ---- flags and per-item evaluations ----
+
+
+class TaggedModel:
+    """Item i of the batch sits near 100 (i + 1) in every entry; with noise_pred = 0 a DDPM step multiplies a state
+    by 1/sqrt(alpha_t) and adds noise of std < 0.2, which over <= 196 cosine steps (a factor < 1.055) keeps every
+    row within 50 of its tag for i < 8, so each row the model sees names its item. Records the items of each call
+    and returns one-hot `level_logits` at `levels[item]`."""
+
+    def __init__(self, levels=None):
+        self.levels = levels
+        self.calls = []
+
+    def __call__(self, x):
+        ids = (x.double().mean(dim=(1, 2, 3)) / 100).round().long() - 1
+        self.calls.append(ids.tolist())
+        logits = None
+        if self.levels is not None:
+            logits = torch.nn.functional.one_hot(self.levels[ids], T).to(x.dtype)
+        return SimpleNamespace(noise_pred=torch.zeros_like(x), level_logits=logits)
+
+
+def tagged_batch(B, seed=0):
+    noise = 0.01 * torch.randn(B, 2, 4, 4, generator=torch.Generator().manual_seed(seed))
+    return noise + 100 * torch.arange(1, B + 1, dtype=torch.float32).view(B, 1, 1, 1)
+
+
+# s_init=10, s_stop=4, s_max=200: below, at s_init (not fired), fired (incl. s_max itself), stopped
+MIXED_LEVELS = torch.tensor([200, 0, 10, 11, 25, 201, 57, 999])
+
+
+@pytest.mark.parametrize("classify", [False, True])
+def test_mixed_batch_flags_and_model_evaluations(classify):
+    scheduler = ThermalizerScheduler(s_init=10, s_stop=4, s_max=200)
+    sample = tagged_batch(len(MIXED_LEVELS))
+    before = sample.clone()
+    model = TaggedModel(MIXED_LEVELS if classify else None)
+    out = scheduler.thermalize(
+        model, sample, generator=torch.Generator().manual_seed(0), levels=None if classify else MIXED_LEVELS
+    )
+    assert torch.equal(sample, before)  # the input is not modified
+    assert torch.equal(out.levels, MIXED_LEVELS)
+    expected_fired = torch.tensor([True, False, False, True, True, False, True, False])
+    expected_stopped = torch.tensor([False, False, False, False, False, True, False, True])
+    assert torch.equal(out.fired, expected_fired) and torch.equal(out.stopped, expected_stopped)
+    assert torch.equal(out.sample[~expected_fired], sample[~expected_fired])  # bit-identical
+    assert not torch.equal(out.sample[expected_fired], sample[expected_fired])
+
+    calls = model.calls[1:] if classify else model.calls
+    if classify:
+        assert model.calls[0] == list(range(len(MIXED_LEVELS)))
+    fired_ids = expected_fired.nonzero().flatten().tolist()
+    expected_calls = [[i for i in fired_ids if MIXED_LEVELS[i] >= t] for t in range(200, 4, -1)]
+    assert calls == expected_calls  # only the active sub-batch goes through the model, one call per level
+    per_item = [sum(row.count(i) for row in calls) for i in range(len(MIXED_LEVELS))]
+    assert per_item == [int(s) - 4 if f else 0 for s, f in zip(MIXED_LEVELS, expected_fired)]
+    assert out.num_model_calls == len(expected_calls) + int(classify)
+
+
+def test_nothing_fired_makes_no_denoising_call():
+    scheduler = ThermalizerScheduler(s_init=10, s_stop=4, s_max=200)
+    sample = tagged_batch(4)
+    model = TaggedModel()
+    out = scheduler.thermalize(model, sample, levels=torch.tensor([0, 10, 201, 500]))
+    assert model.calls == [] and out.num_model_calls == 0
+    assert torch.equal(out.sample, sample) and out.sample is not sample
+    assert out.fired.tolist() == [False] * 4 and out.stopped.tolist() == [False, False, True, True]
+
+
+def test_thermalize_steps_single_levels_after_set_timesteps():
+    """A scheduler whose set_timesteps(50) was called (DDPM would then step 20 levels at a time) still thermalizes
+    one level per step, identically to a fresh one, and keeps its inference schedule."""
+    levels = torch.tensor([30, 3, 57])
+    fresh = ThermalizerScheduler()
+    used = ThermalizerScheduler()
+    used.set_timesteps(50)
+    timesteps = used.timesteps.clone()
+    outs = []
+    for scheduler in (fresh, used):
+        model = TaggedModel()
+        generator = torch.Generator().manual_seed(5)
+        outs.append(scheduler.thermalize(model, tagged_batch(3), generator=generator, levels=levels))
+        assert sum(len(c) for c in model.calls) == (30 - 4) + (57 - 4)
+    assert torch.equal(outs[0].sample, outs[1].sample)
+    assert used.num_inference_steps == 50 and torch.equal(used.timesteps, timesteps)
+
+
+def test_levels_shape_is_checked():
+    scheduler = ThermalizerScheduler()
+    with pytest.raises(ValueError, match="levels has shape"):
+        scheduler.thermalize(TaggedModel(), tagged_batch(3), levels=torch.tensor([20, 20]))
+
+
+# ---- determinism ----
+
+
+class TinyDenoiser(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+        self.head = torch.nn.Linear(3, T)
+
+    def forward(self, x):
+        return SimpleNamespace(noise_pred=self.conv(x), level_logits=self.head(x.mean(dim=(2, 3))))
+
+
+@pytest.mark.parametrize("noise_control", [False, True])
+def test_same_seed_same_output_different_seed_differs(noise_control):
+    scheduler = ThermalizerScheduler()
+    model = TinyDenoiser()
+    sample = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    levels = torch.tensor([40, 12, 5, 300, 25])
+
+    def run(seed):
+        return scheduler.thermalize(
+            model, sample, generator=torch.Generator().manual_seed(seed), levels=levels, noise_control=noise_control
+        ).sample
+
+    a, b, c = run(0), run(0), run(1)
+    fired = torch.tensor([True, True, False, False, True])
+    assert torch.equal(a, b)
+    assert not torch.allclose(a[fired], c[fired])
+    assert torch.equal(a[~fired], c[~fired]) and torch.equal(a[~fired], sample[~fired])
+
+    # the classifier path is deterministic too and uses the argmax of level_logits
+    out = scheduler.thermalize(model, sample, generator=torch.Generator().manual_seed(0), noise_control=noise_control)
+    assert torch.equal(out.levels, model(sample).level_logits.argmax(-1))
+    again = scheduler.thermalize(model, sample, generator=torch.Generator().manual_seed(0), noise_control=noise_control)
+    assert torch.equal(out.sample, again.sample)
