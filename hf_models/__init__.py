@@ -8,6 +8,7 @@ module path recorded in ``model_index.json``; the classes are also exported here
 from .code_gpt import CodeGPTConfig, CodeGPTForCausalLM
 from .dtm import DTMConfig, DTMModel
 from .mnist_classifier import MNISTClassifierConfig, MNISTClassifierModel
+from .thermalizer import ThermalizerConfig, ThermalizerModel
 from .vq_tokenizer import VQTokenizerConfig, VQTokenizerModel
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "DTMModel",
     "MNISTClassifierConfig",
     "MNISTClassifierModel",
+    "ThermalizerConfig",
+    "ThermalizerModel",
     "VQTokenizerConfig",
     "VQTokenizerModel",
 ]
