@@ -76,6 +76,34 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         },
         "components": [("dtm", "DTMModel", "AutoModel")],
     },
+    "thermalizer": {
+        "pipeline_tag": "other",
+        "datasets": [],
+        "task_type": "other",
+        "task_name": "Autoregressive emulation of 2-D turbulence (Kolmogorov flow)",
+        "dataset_type": "kolmogorov-flow",
+        "dataset_name": "2-D Kolmogorov flow, Re 1000 (latentheat pseudo-spectral solver)",
+        "dataset_split": "test",
+        "metrics": {
+            "median_survival_emulator": "median steps before enstrophy/energy leave the true range, emulator alone",
+            "median_survival_thermalizer": "the same with the thermalizer",
+            "median_survival_noise_control": "the same with the noise-only control (classifier decisions kept, learned denoising replaced by noise)",
+            "survival_ratio": "median survival with the thermalizer / emulator alone",
+            "spectrum_distance_emulator": "late-window mean |log10 E(k) - log10 E_true(k)|, emulator alone (lower is better)",
+            "spectrum_distance_thermalizer": "the same with the thermalizer",
+            "spectrum_distance_noise_control": "the same for the noise control",
+            "spectrum_distance_emulator_early": "the same for the emulator's first steps (the quality to keep)",
+            "enstrophy_histogram_distance_thermalizer": "late-window Wasserstein-1 distance of enstrophy to the truth, in true standard deviations",
+            "short_term_correlation_mean_thermalizer": "pattern correlation with the true trajectory over the first steps",
+            "short_term_correlation_mean_emulator": "the same for the emulator alone",
+            "fire_rate_thermalizer": "share of steps at which the thermalizer denoised",
+        },
+        "components": [
+            ("vq_tokenizer", "VQTokenizerModel", "AutoModel"),
+            ("emulator", "CodeGPTForCausalLM", "AutoModelForCausalLM"),
+            ("thermalizer", "ThermalizerModel", "AutoModel"),
+        ],
+    },
 }
 
 

@@ -188,6 +188,52 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
             remaining -= new
         return sequence[:, prompt.shape[1] :].contiguous()
 
+    # ---------------------------------------------------------------- next-frame emulation
+    def frame_pair_input_ids(self, codes: torch.LongTensor) -> torch.LongTensor:
+        """Emulator input `[BOS] c_t [EOS] c_t` `(B, 2 n + 2)` from the current frame's codes `c_t` `(B, n)`.
+
+        The second copy of `c_t` holds the queries: the logits at its position `j` predict code `j` of the next frame.
+        Causal attention lets every query see the whole current frame (the first copy) and its own current code, so a
+        frame's `n` codes are predicted in parallel in one forward pass.
+        """
+        config = self.config
+        if config.num_classes != 0:
+            raise ValueError(f"next-frame emulation needs an unconditional model (num_classes=0), got num_classes={config.num_classes}")
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.is_floating_point():
+            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes)
+            raise ValueError(f"codes must be an integer tensor of shape (batch, num_codes={config.num_codes}), got {shape}")
+        if codes.shape[1] != config.num_codes:
+            raise ValueError(f"codes has {codes.shape[1]} codes per frame, config.num_codes={config.num_codes}")
+        if 2 * config.num_codes + 2 > config.max_position_embeddings:
+            raise ValueError(f"next-frame emulation needs max_position_embeddings >= 2 * num_codes + 2 = {2 * config.num_codes + 2}, got {config.max_position_embeddings}")
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= config.codebook_size:
+            raise ValueError(f"codes must lie in [0, codebook_size={config.codebook_size}), got values in [{low}, {high}]")
+        codes = codes.long().to(self.device)
+        bos = torch.full_like(codes[:, :1], config.bos_token_id)
+        sep = torch.full_like(codes[:, :1], config.eos_token_id)
+        return torch.cat([bos, codes, sep, codes], dim=1)
+
+    def next_frame_logits(self, codes: torch.LongTensor) -> torch.FloatTensor:
+        """Logits `(B, n, codebook_size)` of the next frame's codes given the current frame's codes `(B, n)`
+        (one forward pass, see `frame_pair_input_ids`). Train with cross-entropy against the next frame's codes."""
+        logits = self(input_ids=self.frame_pair_input_ids(codes), logits_to_keep=self.config.num_codes).logits
+        return logits[..., : self.config.codebook_size]
+
+    @torch.no_grad()
+    def sample_next_frame(self, codes: torch.LongTensor, temperature: float = 1.0,
+                          generator: Optional[torch.Generator] = None) -> torch.LongTensor:
+        """Draw the next frame's codes `(B, n)`: every code independently from its softmax at `temperature`
+        (`temperature=0` takes the argmax). Randomness only from `generator`."""
+        if not temperature >= 0:
+            raise ValueError(f"temperature={temperature!r} is invalid: expected a number >= 0 (0 = argmax)")
+        logits = self.next_frame_logits(codes).float()
+        if temperature == 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / temperature, dim=-1).flatten(0, 1)
+        draws = torch.multinomial(probs.cpu(), 1, generator=generator).view(codes.shape)
+        return draws.to(codes.device)
+
     def _generate_chunk(self, context, new, temperature, top_k, top_p, guidance_scale, generator, use_cache,
                         callback=None, done=0):
         config = self.config

@@ -1,4 +1,5 @@
 from .pipeline_code_image import CodeImagePipeline
 from .pipeline_dtm import DTMPipeline
+from .pipeline_thermalized_rollout import ThermalizedRolloutOutput, ThermalizedRolloutPipeline
 
-__all__ = ["CodeImagePipeline", "DTMPipeline"]
+__all__ = ["CodeImagePipeline", "DTMPipeline", "ThermalizedRolloutOutput", "ThermalizedRolloutPipeline"]

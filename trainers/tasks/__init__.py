@@ -9,6 +9,7 @@ from ..arguments import ConfigError
 TASKS = {
     "code_image": "trainers.tasks.code_image:CodeImageTask",
     "dtm": "trainers.tasks.dtm:DTMTask",
+    "thermalizer": "trainers.tasks.thermalizer:ThermalizerTask",
 }
 
 

@@ -1,0 +1,209 @@
+"""ThermalizedRolloutPipeline: a token-space emulator rolled out with an embedding-space thermalizer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from .pipeline_utils import LatentheatPipelineMixin, check_output_type
+
+
+@dataclass
+class ThermalizedRolloutOutput(BaseOutput):
+    """
+    Args:
+        frames (`torch.Tensor` or `np.ndarray` of shape `(B, num_steps + 1, H, W)`):
+            The trajectory in the units of `initial_frames`: frame 0 is the tokenized initial condition (its
+            reconstruction through the VQ tokenizer), frame `k` the state after `k` emulator steps. NaN after a stop.
+        codes (`torch.LongTensor` of shape `(B, num_steps + 1, h, w)`): the code grids (-1 after a stop).
+        levels (`torch.LongTensor` of shape `(B, num_steps)`): the noise level the thermalizer's classifier predicts
+            for the emulator's output at each step (-1 when not tracked or after a stop).
+        fired (`torch.BoolTensor` of shape `(B, num_steps)`): whether the thermalizer (or the noise control) acted.
+        requantized_changes (`torch.LongTensor` of shape `(B, num_steps)`): how many of a frame's codes the
+            re-quantization of the thermalized embeddings changed.
+        stopped_at (`torch.LongTensor` of shape `(B,)`): the step at which the predicted level exceeded the
+            scheduler's `s_max` and the trajectory was stopped, or -1.
+    """
+
+    frames: Union[torch.Tensor, np.ndarray]
+    codes: torch.Tensor
+    levels: torch.Tensor
+    fired: torch.Tensor
+    requantized_changes: torch.Tensor
+    stopped_at: torch.Tensor
+
+
+class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
+    r"""
+    Autoregressive rollout of a token-space emulator, stabilised by a thermalizer in the codebook's embedding space.
+
+    Per step: codes `c_t` -> `emulator.sample_next_frame` (all codes of the next frame in one forward pass) ->
+    codebook lookup (`vq_tokenizer.embed`) -> the thermalizer's classifier predicts the embedding grid's noise level
+    `s`; if `s > s_init` the scheduler denoises it from `s` to `s_stop` with the thermalizer's noise predictor; if
+    `s > s_max` the trajectory is stopped (flag in `stopped_at`) -> re-quantization to the nearest codebook vectors
+    -> `c_{t+1}`. Frames are decoded by the tokenizer at the end.
+
+    Args:
+        vq_tokenizer ([`VQTokenizerModel`]): frames <-> code grids (trained on frames divided by `frame_scale`).
+        emulator ([`CodeGPTForCausalLM`]): next-frame codes from the current frame's codes.
+        thermalizer ([`ThermalizerModel`]): noise predictor + noise-level classifier over embedding grids.
+        scheduler ([`ThermalizerScheduler`]): DDPM cosine schedule with the `thermalize` step (`s_init`, `s_stop`,
+            `s_max`).
+        frame_scale (`float`, defaults to 1.0): physical frames are divided by it before the tokenizer (and the
+            decoded frames multiplied by it).
+
+    Example:
+
+    ```py
+    >>> import torch
+    >>> from hf_models.pipelines import ThermalizedRolloutPipeline
+    >>> pipe = ThermalizedRolloutPipeline.from_pretrained("outputs/thermalizer_kolmogorov")
+    >>> out = pipe(initial_frames, num_steps=1000, generator=torch.Generator().manual_seed(0))
+    >>> out.frames.shape, out.fired.float().mean()
+    ```
+    """
+
+    model_cpu_offload_seq = "emulator->thermalizer->vq_tokenizer"
+
+    def __init__(self, vq_tokenizer, emulator, thermalizer, scheduler, frame_scale: float = 1.0):
+        super().__init__()
+        if not frame_scale > 0:
+            raise ValueError(f"frame_scale={frame_scale!r} must be > 0")
+        self.register_modules(vq_tokenizer=vq_tokenizer, emulator=emulator, thermalizer=thermalizer, scheduler=scheduler)
+        self.register_to_config(frame_scale=float(frame_scale))
+
+    def check_components(self):
+        vq, gpt, therm = self.vq_tokenizer.config, self.emulator.config, self.thermalizer.config
+        if gpt.codebook_size != vq.codebook_size or gpt.num_codes != vq.latent_size**2:
+            raise ValueError(
+                f"emulator (codebook_size={gpt.codebook_size}, num_codes={gpt.num_codes}) does not match the tokenizer "
+                f"(codebook_size={vq.codebook_size}, {vq.latent_size}x{vq.latent_size} codes)"
+            )
+        if therm.in_channels != vq.embedding_dim:
+            raise ValueError(f"thermalizer.config.in_channels={therm.in_channels} differs from the tokenizer's "
+                             f"embedding_dim={vq.embedding_dim}")
+        if self.scheduler.config.num_train_timesteps != therm.num_train_timesteps:
+            raise ValueError(f"scheduler.config.num_train_timesteps={self.scheduler.config.num_train_timesteps} differs "
+                             f"from thermalizer.config.num_train_timesteps={therm.num_train_timesteps}")
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.LongTensor:
+        """Physical frames `(B, H, W)` or `(B, 1, H, W)` -> code grids `(B, h, w)`."""
+        frames = torch.as_tensor(frames)
+        if frames.dim() == 3:
+            frames = frames.unsqueeze(1)
+        size = self.vq_tokenizer.config.image_size
+        if frames.dim() != 4 or frames.shape[1] != 1 or tuple(frames.shape[-2:]) != (size, size):
+            raise ValueError(f"frames must have shape (batch, {size}, {size}) or (batch, 1, {size}, {size}) (the tokenizer's "
+                             f"image_size), got {tuple(frames.shape)}")
+        if not frames.is_floating_point() or not torch.isfinite(frames).all():
+            raise ValueError("frames must be finite float tensors")
+        pixels = (frames / self.config.frame_scale).to(self.vq_tokenizer.device, self.vq_tokenizer.dtype)
+        return self.vq_tokenizer.encode(pixels)
+
+    @torch.no_grad()
+    def decode_codes(self, codes: torch.LongTensor, chunk_size: int = 512) -> torch.Tensor:
+        """Code grids `(..., h, w)` (-1 = stopped) -> physical frames `(..., H, W)` (NaN where stopped)."""
+        shape = codes.shape[:-2]
+        flat = codes.reshape(-1, *codes.shape[-2:])
+        valid = (flat >= 0).all(-1).all(-1)
+        size = self.vq_tokenizer.config.image_size
+        frames = torch.full((len(flat), size, size), float("nan"))
+        index = valid.nonzero().flatten()
+        for start in range(0, len(index), chunk_size):
+            rows = index[start : start + chunk_size]
+            decoded = self.vq_tokenizer.decode(flat[rows].to(self.vq_tokenizer.device))
+            frames[rows] = decoded[:, 0].float().cpu() * self.config.frame_scale
+        return frames.view(*shape, size, size)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        initial_frames: torch.Tensor,
+        num_steps: int,
+        thermalize: bool = True,
+        noise_control: bool = False,
+        temperature: float = 1.0,
+        generator: Optional[torch.Generator] = None,
+        track_levels: bool = True,
+        output_type: str = "pt",
+        return_dict: bool = True,
+    ):
+        r"""
+        Args:
+            initial_frames (`torch.Tensor` of shape `(B, H, W)` or `(B, 1, H, W)`): initial conditions in physical
+                units.
+            num_steps (`int`): emulator steps.
+            thermalize (`bool`, defaults to `True`): apply the thermalizer when its classifier's level exceeds
+                `s_init`. `False` is the emulator alone.
+            noise_control (`bool`, defaults to `False`): the noise-only control arm (needs `thermalize=True`): same
+                classifier decisions and DDPM steps, but the predicted noise is replaced by Gaussian noise, so any gain
+                that is left comes from the perturbation and re-quantization rather than from the learned denoiser.
+            temperature (`float`, defaults to 1.0): emulator sampling temperature (0 = argmax).
+            generator (`torch.Generator`, *optional*): the only source of randomness (emulator sampling and DDPM
+                noise).
+            track_levels (`bool`, defaults to `True`): record the classifier's level also when not thermalizing.
+            output_type (`str`, defaults to `"pt"`): `"pt"` (torch) or `"np"` (numpy) frames.
+            return_dict (`bool`, defaults to `True`): return a [`ThermalizedRolloutOutput`] instead of a tuple.
+        """
+        check_output_type(output_type, allowed=("pt", "np"))
+        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps={num_steps!r} is invalid: expected an int >= 1")
+        if noise_control and not thermalize:
+            raise ValueError("noise_control=True is the control arm of the thermalizer: it needs thermalize=True")
+        self.check_components()
+        codes0 = self.encode_frames(initial_frames)  # (B, h, w)
+        batch, h, w = codes0.shape
+        codes = torch.full((batch, num_steps + 1, h, w), -1, dtype=torch.long)
+        codes[:, 0] = codes0.cpu()
+        levels = torch.full((batch, num_steps), -1, dtype=torch.long)
+        fired = torch.zeros(batch, num_steps, dtype=torch.bool)
+        changes = torch.zeros(batch, num_steps, dtype=torch.long)
+        stopped_at = torch.full((batch,), -1, dtype=torch.long)
+        current = codes0.flatten(1).to(self.emulator.device)
+        alive = torch.ones(batch, dtype=torch.bool)
+        with self.progress_bar(total=num_steps) as progress_bar:
+            for step in range(num_steps):
+                rows = alive.nonzero().flatten()
+                if len(rows) == 0:
+                    progress_bar.update(num_steps - step)
+                    break
+                new = self.emulator.sample_next_frame(current[rows], temperature=temperature, generator=generator)
+                if thermalize or track_levels:
+                    therm_device = self.thermalizer.device
+                    sample = self.thermalizer.normalize(self.vq_tokenizer.embed(new.view(-1, h, w)).to(therm_device))
+                    level = self.thermalizer.predict_level(sample)
+                    levels[rows, step] = level.cpu()
+                if thermalize:
+                    out = self.scheduler.thermalize(self.thermalizer, sample, generator=generator, levels=level,
+                                                    noise_control=noise_control)
+                    requantized = self.vq_tokenizer.quantize(
+                        self.thermalizer.denormalize(out.sample).to(self.vq_tokenizer.device)
+                    ).flatten(1).to(new.device)
+                    fired[rows, step] = out.fired.cpu()
+                    changes[rows, step] = (requantized != new).sum(1).cpu()
+                    new = torch.where(out.fired.to(new.device)[:, None], requantized, new)
+                    stop = out.stopped.cpu()
+                    if stop.any():
+                        stopped_at[rows[stop]] = step + 1
+                        alive[rows[stop]] = False
+                        keep = ~stop
+                        rows, new = rows[keep], new[keep.to(new.device)]
+                current[rows] = new
+                codes[rows, step + 1] = new.view(-1, h, w).cpu()
+                progress_bar.update()
+        frames = self.decode_codes(codes)
+        if output_type == "np":
+            frames = frames.numpy()
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return frames, codes, levels, fired, changes, stopped_at
+        return ThermalizedRolloutOutput(frames=frames, codes=codes, levels=levels, fired=fired,
+                                        requantized_changes=changes, stopped_at=stopped_at)
+
+
+__all__ = ["ThermalizedRolloutOutput", "ThermalizedRolloutPipeline"]

@@ -1,0 +1,722 @@
+"""Embedding-space thermalizer on 2-D Kolmogorov flow: three stages, exported as a ``ThermalizedRolloutPipeline``.
+
+1. ``vq_tokenizer``: a VQ tokenizer on vorticity frames (the solver's frames, average-pooled to ``data.frame_size``
+   and divided by the training set's standard deviation, ``frame_scale``).
+2. ``emulator``: a CodeGPT that predicts the next frame's codes (``data.frame_stride`` solver frames later) from the
+   current frame's, all codes of a frame in parallel in one forward pass (``CodeGPTForCausalLM.next_frame_logits``).
+3. ``thermalizer``: data preparation first (clean embeddings = codebook vectors of the true frames' codes; drifted
+   embeddings = codebook vectors along emulator-only rollouts from the training initial conditions, both saved as
+   ``datasets.Dataset`` under ``output_dir/embeddings``), then a ``ThermalizerModel`` trained on the clean ones with
+   the DDPM cosine forward process (noise MSE + noise-level CE).
+
+The evaluation always rolls out three arms from the same test initial conditions with the same seeds: the emulator
+alone, emulator + thermalizer, emulator + noise-only control (same firing decisions, the learned noise prediction
+replaced by Gaussian noise). See ``ThermalizerTask.evaluate_pipeline`` for the metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ..arguments import ConfigError, check_config_kwargs, check_section
+from .base import Stage, StepOutput, Task
+from .code_image import VQTokenizerStage, _to_uint8_grid
+
+logger = logging.getLogger(__name__)
+
+ARMS = ("emulator", "thermalizer", "noise_control")
+
+
+@dataclass
+class KolmogorovDataArguments:
+    """The solver's settings (see ``hf_models.data.kolmogorov.KolmogorovConfig``) and how frames are taken."""
+
+    grid_size: int = 64
+    reynolds_number: float = 1000.0
+    dt: float = 0.01
+    drag: float = 0.1
+    spinup_time: float = 30.0
+    frame_interval: float = 0.1
+    num_frames: int = 200
+    seed: int = 0
+    num_train_trajectories: int = 32
+    num_test_trajectories: int = 16
+    chunk_size: int = 4
+    frame_size: int = 32  # frames are average-pooled from grid_size to this
+    frame_stride: int = 2  # one emulator step = frame_stride stored frames
+    cache_dir: Optional[str] = None
+    # data preparation of the thermalizer stage: drifted embeddings from emulator-only rollouts
+    drift_rollout_steps: int = 200
+    drift_trajectories: int = 16  # rolled out from the first training initial conditions
+    drift_temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.drift_rollout_steps < 1 or self.drift_trajectories < 1:
+            raise ConfigError("data.drift_rollout_steps and data.drift_trajectories must be >= 1")
+        if self.frame_size < 4 or self.grid_size % self.frame_size:
+            raise ConfigError(f"data.frame_size={self.frame_size} must be >= 4 and divide data.grid_size={self.grid_size}")
+        if self.frame_stride < 1 or self.num_frames < 2 * self.frame_stride:
+            raise ConfigError(f"data.frame_stride={self.frame_stride} must be >= 1 and leave at least 2 frames of data.num_frames={self.num_frames}")
+        for name in ("num_train_trajectories", "num_test_trajectories", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}={getattr(self, name)} must be >= 1")
+        try:
+            self.solver_config()
+        except ValueError as err:
+            raise ConfigError(f"data: {err}") from None
+
+    def solver_config(self):
+        from hf_models.data.kolmogorov import KolmogorovConfig
+
+        return KolmogorovConfig(grid_size=self.grid_size, reynolds_number=self.reynolds_number, dt=self.dt, drag=self.drag,
+                                spinup_time=self.spinup_time, frame_interval=self.frame_interval,
+                                num_frames=self.num_frames, seed=self.seed)
+
+    def load(self) -> dict:
+        """``{"train": (T, F, S, S), "test": ...}`` float32 vorticity, pooled and strided."""
+        from hf_models.data.kolmogorov import build_kolmogorov_dataset
+
+        ds = build_kolmogorov_dataset(self.solver_config(), self.num_train_trajectories, self.num_test_trajectories,
+                                      cache_dir=self.cache_dir, chunk_size=self.chunk_size)
+        out = {}
+        for split in ("train", "test"):
+            frames = ds[split].with_format("torch")[:]["vorticity"].float()  # (T, F, N, N)
+            factor = self.grid_size // self.frame_size
+            if factor > 1:
+                t, f = frames.shape[:2]
+                frames = F.avg_pool2d(frames.flatten(0, 1).unsqueeze(1), factor).view(t, f, self.frame_size, self.frame_size)
+            out[split] = frames[:, :: self.frame_stride].contiguous()
+        return out
+
+
+@dataclass
+class ThermalizerEvalArguments:
+    num_initial_conditions: int = 16
+    rollout_steps: int = 2000
+    temperature: float = 1.0
+    range_margin: float = 0.1  # survival range = true [min, max] widened by this share of its span
+    survival_statistics: list = field(default_factory=lambda: ["enstrophy", "energy"])
+    late_window: int = 200
+    early_window: int = 20  # the emulator's early steps: the reference quality for the late windows
+    short_term_steps: int = 10
+    strip_steps: list = field(default_factory=lambda: [0, 1, 5, 20, 100, 500, 1000, 2000])
+    results_copy: Optional[str] = None  # e.g. benchmarks/results/thermalizer_survival.json
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.num_initial_conditions < 1 or self.rollout_steps < 1:
+            raise ConfigError("evaluation.num_initial_conditions and evaluation.rollout_steps must be >= 1")
+        for name in ("late_window", "early_window", "short_term_steps"):
+            value = getattr(self, name)
+            if not 1 <= value <= self.rollout_steps:
+                raise ConfigError(f"evaluation.{name}={value} must lie in [1, rollout_steps={self.rollout_steps}]")
+        bad = sorted(set(self.survival_statistics) - {"enstrophy", "energy"})
+        if bad or not self.survival_statistics:
+            raise ConfigError(f"evaluation.survival_statistics={self.survival_statistics} is invalid; allowed: a non-empty subset of enstrophy, energy")
+        if self.range_margin < 0:
+            raise ConfigError(f"evaluation.range_margin={self.range_margin} must be >= 0")
+
+
+class TensorDictDataset(Dataset):
+    def __init__(self, **tensors):
+        self.tensors = tensors
+        self.length = len(next(iter(tensors.values())))
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        return {**{k: v[i] for k, v in self.tensors.items()}, "index": i}
+
+
+def _weights_key(*folders: Path) -> str:
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class ThermalizerTask(Task):
+    name = "thermalizer"
+    family = "thermalizer"
+
+    def __init__(self, config):
+        super().__init__(config)
+        from hf_models.code_gpt import CodeGPTConfig
+        from hf_models.schedulers import ThermalizerScheduler
+        from hf_models.thermalizer import ThermalizerConfig
+        from hf_models.vq_tokenizer import VQTokenizerConfig
+
+        source = config.source
+        allowed = {"vq_tokenizer", "emulator", "thermalizer", "scheduler"}
+        unknown = sorted(set(config.model) - allowed)
+        if unknown:
+            raise ConfigError(f"unknown model section(s) {unknown} for task thermalizer; allowed: {', '.join(sorted(allowed))}")
+        self.data_args = check_section(config.data, KolmogorovDataArguments, "data", source)
+        self.eval_args = check_section(config.evaluation, ThermalizerEvalArguments, "evaluation", source)
+        try:
+            vq_kwargs = check_config_kwargs(VQTokenizerConfig, config.model.get("vq_tokenizer") or {}, "model.vq_tokenizer", source)
+            for key, value in (("image_size", self.data_args.frame_size), ("num_channels", 1)):
+                if vq_kwargs.get(key, value) != value:
+                    raise ConfigError(f"model.vq_tokenizer.{key}={vq_kwargs[key]} but the frames give {value} (leave it unset)")
+                vq_kwargs[key] = value
+            self.vq_config = VQTokenizerConfig(**vq_kwargs)
+            gpt_kwargs = check_config_kwargs(CodeGPTConfig, config.model.get("emulator") or {}, "model.emulator", source)
+            derived = {"codebook_size": self.vq_config.codebook_size, "num_codes": self.vq_config.num_codes, "num_classes": 0,
+                       "class_dropout_prob": 0.0}
+            for key, value in derived.items():
+                if gpt_kwargs.get(key, value) != value:
+                    raise ConfigError(f"model.emulator.{key}={gpt_kwargs[key]} but the tokenizer gives {value} (leave it unset)")
+            gpt_kwargs.update(derived)
+            gpt_kwargs.setdefault("max_position_embeddings", 2 * self.vq_config.num_codes + 2)
+            self.gpt_config = CodeGPTConfig(**gpt_kwargs)
+            if self.gpt_config.max_position_embeddings < 2 * self.vq_config.num_codes + 2:
+                raise ConfigError(f"model.emulator.max_position_embeddings={self.gpt_config.max_position_embeddings} is too small: the "
+                                  f"emulator reads 2 * num_codes + 2 = {2 * self.vq_config.num_codes + 2} tokens")
+            th_kwargs = check_config_kwargs(ThermalizerConfig, config.model.get("thermalizer") or {}, "model.thermalizer", source)
+            for key, value in (("in_channels", self.vq_config.embedding_dim), ("sample_size", self.vq_config.latent_size)):
+                if th_kwargs.get(key, value) != value:
+                    raise ConfigError(f"model.thermalizer.{key}={th_kwargs[key]} but the tokenizer gives {value} (leave it unset)")
+                th_kwargs[key] = value
+            self.th_kwargs = th_kwargs
+            self.th_config = ThermalizerConfig(**th_kwargs)
+            sched_kwargs = dict(config.model.get("scheduler") or {})
+            sched_kwargs.setdefault("num_train_timesteps", self.th_config.num_train_timesteps)
+            if sched_kwargs["num_train_timesteps"] != self.th_config.num_train_timesteps:
+                raise ConfigError(f"model.scheduler.num_train_timesteps={sched_kwargs['num_train_timesteps']} differs from "
+                                  f"model.thermalizer.num_train_timesteps={self.th_config.num_train_timesteps}")
+            self.scheduler = ThermalizerScheduler(**sched_kwargs)
+        except (ValueError, TypeError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"model in {source}: {err}") from None
+        unknown_stages = sorted(set(config.stages) - {"vq_tokenizer", "emulator", "thermalizer"})
+        if unknown_stages:
+            raise ConfigError(f"unknown stage(s) {unknown_stages}; thermalizer has stages: vq_tokenizer, emulator, thermalizer")
+        if self.eval_args.num_initial_conditions > self.data_args.num_test_trajectories:
+            raise ConfigError(f"evaluation.num_initial_conditions={self.eval_args.num_initial_conditions} needs as many test trajectories; "
+                              f"data.num_test_trajectories={self.data_args.num_test_trajectories}")
+        self._stages = [FrameVQStage(self), EmulatorStage(self), ThermalizerStage(self)]
+        self._frames = None
+        self._codes: dict = {}
+        self.vq_model = None
+        self.emulator_model = None
+        self.stage_metrics: dict = {}
+
+    def stages(self):
+        return self._stages
+
+    # -- data ------------------------------------------------------------------------------------
+    def frames(self, split: str) -> torch.Tensor:
+        """Physical vorticity ``(trajectories, frames, S, S)`` of a split (pooled, strided)."""
+        if self._frames is None:
+            self._frames = self.data_args.load()
+        return self._frames[split]
+
+    @property
+    def frame_scale(self) -> float:
+        return float(self.frames("train").std())
+
+    def vq(self):
+        if self.vq_model is None:
+            from hf_models.vq_tokenizer import VQTokenizerModel
+
+            self.vq_model = VQTokenizerModel.from_pretrained(str(Path(self.output_dir) / "vq_tokenizer")).eval()
+        return self.vq_model
+
+    def emulator(self):
+        if self.emulator_model is None:
+            from hf_models.code_gpt import CodeGPTForCausalLM
+
+            self.emulator_model = CodeGPTForCausalLM.from_pretrained(str(Path(self.output_dir) / "emulator")).eval()
+        return self.emulator_model
+
+    @torch.no_grad()
+    def codes(self, split: str) -> torch.LongTensor:
+        """Codes ``(trajectories, frames, h, w)`` of a split under the trained tokenizer; cached on disk keyed by its weights."""
+        from safetensors.torch import load_file, save_file
+
+        key = _weights_key(Path(self.output_dir) / "vq_tokenizer")
+        if self._codes.get(split, (None,))[0] == key:
+            return self._codes[split][1]
+        path = Path(self.output_dir) / "codes" / f"{split}.safetensors"
+        codes = None
+        if path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("vq") == key:
+                    codes = load_file(str(path))["codes"]
+        if codes is None:
+            frames = self.frames(split)
+            vq = self.vq()
+            flat = frames.flatten(0, 1).unsqueeze(1) / self.frame_scale
+            codes = torch.cat([vq.encode(flat[i: i + 1024]) for i in range(0, len(flat), 1024)]).view(*frames.shape[:2], vq.config.latent_size, vq.config.latent_size)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file({"codes": codes.contiguous()}, str(tmp), metadata={"vq": key})
+            tmp.replace(path)
+        self._codes[split] = (key, codes)
+        return codes
+
+    # -- export and evaluation ---------------------------------------------------------------------
+    def pipeline(self, models: dict):
+        from hf_models.pipelines import ThermalizedRolloutPipeline
+
+        return ThermalizedRolloutPipeline(vq_tokenizer=models["vq_tokenizer"], emulator=models["emulator"],
+                                          thermalizer=models["thermalizer"], scheduler=self.scheduler,
+                                          frame_scale=self.frame_scale)
+
+    def finalize(self, accelerator, models: dict) -> dict:
+        out = Path(self.output_dir)
+        results = {}
+        if accelerator.is_main_process:
+            for name, auto in (("vq_tokenizer", "AutoModel"), ("emulator", "AutoModelForCausalLM"), ("thermalizer", "AutoModel")):
+                models[name].config.register_for_auto_class()
+                models[name].register_for_auto_class(auto)
+            pipe = self.pipeline({k: m.eval() for k, m in models.items()})
+            pipe.set_progress_bar_config(disable=True)
+            pipe.save_pretrained(str(out))
+            for sub in ("vq_tokenizer", "emulator", "thermalizer"):
+                for py in (out / sub).glob("*.py"):
+                    shutil.copy2(py, out / py.name)
+            results = self.evaluate_pipeline(pipe, out)
+        accelerator.wait_for_everyone()
+        return results
+
+    def evaluate_saved(self, output_dir) -> dict:
+        from hf_models.pipelines import ThermalizedRolloutPipeline
+
+        pipe = ThermalizedRolloutPipeline.from_pretrained(str(output_dir))
+        pipe.set_progress_bar_config(disable=True)
+        results = self.evaluate_pipeline(pipe, None)
+        results.update({f"evaluation/{k}": v for k, v in vars(self.eval_args).items() if not isinstance(v, list)})
+        return results
+
+    @torch.no_grad()
+    def rollouts(self, pipe) -> dict:
+        """The three arms from the same initial conditions and the same seed."""
+        ev = self.eval_args
+        initial = self.frames("test")[: ev.num_initial_conditions, 0]
+        arms = {}
+        for arm in ARMS:
+            arms[arm] = pipe(initial, num_steps=ev.rollout_steps, thermalize=arm != "emulator", noise_control=arm == "noise_control",
+                             temperature=ev.temperature, generator=torch.Generator().manual_seed(ev.seed), output_type="pt")
+        return arms
+
+    @torch.no_grad()
+    def evaluate_pipeline(self, pipe, out: Optional[Path]) -> dict:
+        """Survival, late-window spectrum / enstrophy-histogram / codebook-usage distances, short-term correlation,
+        firing statistics per arm; with ``out``, the PNG plots there (and the results copy if configured)."""
+        import time
+
+        from hf_models.metrics.rollout_stability import (
+            codebook_usage_distance,
+            flow_statistics,
+            histogram_distance,
+            short_term_correlation,
+            spectrum_distance,
+            statistic_range,
+            survival_steps,
+        )
+
+        ev = self.eval_args
+        train, test = self.frames("train"), self.frames("test")
+        truth_stats = flow_statistics(train)
+        ranges = {name: statistic_range(truth_stats[name], ev.range_margin) for name in ev.survival_statistics}
+        test_pool = test.flatten(0, 1)
+        test_enstrophy = flow_statistics(test_pool)["enstrophy"]
+        test_codes = pipe.encode_frames(test_pool)
+        size = pipe.vq_tokenizer.config.codebook_size
+        start = time.perf_counter()
+        arms = self.rollouts(pipe)
+        rollout_seconds = time.perf_counter() - start
+        num_truth = min(ev.short_term_steps, test.shape[1] - 1)
+        reconstructed_truth = pipe.decode_codes(test_codes.view(*test.shape[:2], *test_codes.shape[-2:]))
+        results = {
+            "num_initial_conditions": ev.num_initial_conditions,
+            "rollout_steps": ev.rollout_steps,
+            "rollout_seconds": rollout_seconds,
+            "frames_per_second": 3 * ev.num_initial_conditions * ev.rollout_steps / rollout_seconds,
+            "survival_ranges": {k: list(v) for k, v in ranges.items()},
+            "spectrum_distance_vq_reconstruction": spectrum_distance(reconstructed_truth, test),
+            "enstrophy_histogram_distance_vq_reconstruction": histogram_distance(flow_statistics(reconstructed_truth)["enstrophy"], test_enstrophy),
+        }
+        curves = {}
+        for arm, output in arms.items():
+            frames = output.frames  # (B, L + 1, S, S)
+            stats = flow_statistics(frames[:, 1:])
+            survival = torch.stack([survival_steps(stats[name], *ranges[name], stopped_at=output.stopped_at) for name in ev.survival_statistics]).amin(0)
+            late = frames[:, -ev.late_window:]
+            late_codes = output.codes[:, -ev.late_window:]
+            late_valid = torch.isfinite(late).flatten(1).all(1)
+            corr = short_term_correlation(frames[:, 1: num_truth + 1], test[: ev.num_initial_conditions, 1: num_truth + 1])
+            results.update({
+                f"median_survival_{arm}": float(survival.float().median()),
+                f"mean_survival_{arm}": float(survival.float().mean()),
+                f"survived_full_rollout_{arm}": int((survival == ev.rollout_steps).sum()),
+                f"spectrum_distance_{arm}": spectrum_distance(late[late_valid], test) if late_valid.any() else float("inf"),
+                f"enstrophy_histogram_distance_{arm}": histogram_distance(flow_statistics(late[late_valid])["enstrophy"], test_enstrophy) if late_valid.any() else float("inf"),
+                f"codebook_usage_distance_{arm}": codebook_usage_distance(late_codes[late_codes >= 0], test_codes, size) if (late_codes >= 0).any() else 1.0,
+                f"short_term_correlation_{arm}": [round(float(c), 5) for c in corr],
+                f"short_term_correlation_mean_{arm}": float(corr.mean()),
+                f"fire_rate_{arm}": float(output.fired.float().mean()),
+                f"requantized_changes_mean_{arm}": float(output.requantized_changes.float().mean()),
+                f"stopped_{arm}": int((output.stopped_at >= 0).sum()),
+                f"predicted_level_mean_{arm}": float(output.levels[output.levels >= 0].float().mean()) if (output.levels >= 0).any() else None,
+            })
+            curves[arm] = {"survival": survival, "stats": stats, "levels": output.levels}
+        early = arms["emulator"].frames[:, 1: ev.early_window + 1]
+        results["spectrum_distance_emulator_early"] = spectrum_distance(early, test)
+        results["enstrophy_histogram_distance_emulator_early"] = histogram_distance(flow_statistics(early)["enstrophy"], test_enstrophy)
+        results["survival_ratio"] = results["median_survival_thermalizer"] / max(results["median_survival_emulator"], 1.0)
+        results["survival_ratio_noise_control"] = results["median_survival_noise_control"] / max(results["median_survival_emulator"], 1.0)
+        results.update({k: v for k, v in self.stage_metrics.items()})
+        if out is not None:
+            self.plots(out, arms, curves, ranges, test)
+            if ev.results_copy:
+                copy = Path(ev.results_copy)
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                copy.write_text(json.dumps({"output_dir": str(out), **results}, indent=2, default=float) + "\n")
+        return results
+
+    def plots(self, out: Path, arms: dict, curves: dict, ranges: dict, test: torch.Tensor):
+        """survival_curves.png, enstrophy.png, spectra.png, frames.png (truth vs arms) in ``out``."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from hf_models.metrics.rollout_stability import mean_spectrum
+
+        ev = self.eval_args
+        colours = {"emulator": "tab:red", "thermalizer": "tab:blue", "noise_control": "tab:grey"}
+        steps = torch.arange(ev.rollout_steps + 1)
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for arm, c in curves.items():
+            alive = (c["survival"][None, :] >= steps[:, None]).float().mean(1)
+            ax.step(steps, alive, where="post", label=arm.replace("_", " "), color=colours[arm])
+        ax.set(xlabel="emulator step", ylabel="fraction of trajectories alive", ylim=(-0.02, 1.02), title="Survival")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "survival_curves.png", dpi=100)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for arm, c in curves.items():
+            ens = c["stats"]["enstrophy"]
+            ax.plot(steps[1:], ens.nanmedian(0).values if hasattr(ens.nanmedian(0), "values") else ens.nanmedian(0), color=colours[arm], label=f"{arm.replace('_', ' ')} (median)")
+        if "enstrophy" in ranges:
+            ax.axhspan(*ranges["enstrophy"], color="tab:green", alpha=0.15, label="survival range (truth)")
+        ax.set(xlabel="emulator step", ylabel="enstrophy", yscale="log", title="Enstrophy along the rollouts")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "enstrophy.png", dpi=100)
+        plt.close(fig)
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        k, e = mean_spectrum(test)
+        kmax = test.shape[-1] // 3
+        ax.loglog(k[1: kmax + 1], e[1: kmax + 1], "k-", lw=2, label="truth")
+        for arm, output in arms.items():
+            late = output.frames[:, -ev.late_window:]
+            late = late[torch.isfinite(late).flatten(2).all(2)]
+            if len(late):
+                k, e = mean_spectrum(late)
+                ax.loglog(k[1: kmax + 1], e[1: kmax + 1], color=colours[arm], label=f"{arm.replace('_', ' ')} (last {ev.late_window} steps)")
+        ax.set(xlabel="wavenumber k", ylabel="E(k)", title="Energy spectra")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "spectra.png", dpi=100)
+        plt.close(fig)
+
+        cols = [s for s in ev.strip_steps if s <= ev.rollout_steps] or [0, ev.rollout_steps]
+        rows = [("truth", test[0])] + [(arm, arms[arm].frames[0]) for arm in ARMS]
+        vmax = float(test[0].abs().max())
+        fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.6 * len(cols), 1.7 * len(rows)), squeeze=False)
+        for r, (name, frames) in enumerate(rows):
+            for c, s in enumerate(cols):
+                ax = axes[r][c]
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if s < len(frames):
+                    ax.imshow(frames[s].numpy(), cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+                if r == 0:
+                    ax.set_title(f"step {s}", fontsize=8)
+                if c == 0:
+                    ax.set_ylabel(name.replace("_", " "), fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "frames.png", dpi=100)
+        plt.close(fig)
+        shutil.copy2(out / "frames.png", out / "samples.png")  # the card's picture
+
+
+def _vorticity_grid(frames: torch.Tensor, nrow: int):
+    """Normalised vorticity ``(N, 1, S, S)`` (about unit variance) -> a grey PIL grid, +-3 sigma mapped to [-1, 1]."""
+    return _to_uint8_grid((frames / 3).clamp(-1, 1), nrow=nrow)
+
+
+class FrameVQStage(VQTokenizerStage):
+    """The code-image tokenizer stage on vorticity frames (divided by ``frame_scale``)."""
+
+    def _pixels(self, split):
+        frames = self.task.frames(split)
+        return frames.flatten(0, 1).unsqueeze(1) / self.task.frame_scale
+
+    def build_datasets(self, accelerator):
+        return TensorDictDataset(pixel_values=self._pixels("train")), TensorDictDataset(pixel_values=self._pixels("test"))
+
+    @torch.no_grad()
+    def evaluate(self, model, dataloader, accelerator):
+        err, norm, usage = torch.zeros((), device=accelerator.device), torch.zeros((), device=accelerator.device), None
+        size = self.task.vq_config.codebook_size
+        for batch in dataloader:
+            out = model(pixel_values=batch["pixel_values"])
+            e = (out.reconstruction - batch["pixel_values"]).pow(2).flatten(1).sum(1)
+            n = batch["pixel_values"].pow(2).flatten(1).sum(1)
+            e, n, codes = accelerator.gather_for_metrics((e, n, out.codes))
+            err += e.sum()
+            norm += n.sum()
+            hist = torch.bincount(codes.flatten(), minlength=size)
+            usage = hist if usage is None else usage + hist
+        rel = math.sqrt((err / norm.clamp_min(1e-12)).item())
+        probs = usage.float() / usage.sum()
+        perplexity = torch.exp(-(probs[probs > 0] * probs[probs > 0].log()).sum()).item()
+        metrics = {"recon_relative_error": rel, "codebook_usage": int((usage > 0).sum()), "codebook_perplexity": perplexity}
+        self.task.stage_metrics.update(recon_relative_error=rel, codebook_usage=metrics["codebook_usage"])
+        return metrics
+
+    @torch.no_grad()
+    def sample_grid(self, model, accelerator):
+        pixels = self._pixels("test")[:: max(1, len(self._pixels("test")) // 16)][:16].to(accelerator.device)
+        recon = model(pixel_values=pixels).reconstruction
+        return _vorticity_grid(torch.cat([pixels, recon]), nrow=len(pixels))
+
+
+class EmulatorStage(Stage):
+    """CodeGPT on (codes_t, codes_{t+1}) pairs of consecutive (strided) frames of the training trajectories."""
+
+    name = "emulator"
+    throughput_unit = "tokens"
+
+    def build_model(self):
+        from hf_models.code_gpt import CodeGPTForCausalLM
+
+        return CodeGPTForCausalLM(self.task.gpt_config)
+
+    def load(self, directory):
+        from hf_models.code_gpt import CodeGPTForCausalLM
+
+        model = CodeGPTForCausalLM.from_pretrained(directory)
+        self.task.emulator_model = model.eval()
+        return model
+
+    def save(self, model, directory):
+        super().save(model, directory)
+        self.task.emulator_model = model
+
+    def peft_target_modules(self):
+        return ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+    def _pairs(self, split):
+        codes = self.task.codes(split).flatten(2)  # (T, F, n)
+        return TensorDictDataset(current=codes[:, :-1].flatten(0, 1), target=codes[:, 1:].flatten(0, 1))
+
+    def build_datasets(self, accelerator):
+        return self._pairs("train"), self._pairs("test")
+
+    def compute_loss(self, model, batch, generator):
+        n = self.task.gpt_config.num_codes
+        inner = getattr(model, "module", model)
+        logits = model(input_ids=inner.frame_pair_input_ids(batch["current"]), logits_to_keep=n).logits
+        logits = logits[..., : self.task.gpt_config.codebook_size].float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1))
+        return StepOutput(loss=loss, num_items=batch["target"].numel())
+
+    @torch.no_grad()
+    def evaluate(self, model, dataloader, accelerator):
+        """Bits per code of the next frame, argmax accuracy, and the persistence baseline (codes unchanged)."""
+        inner = accelerator.unwrap_model(model)
+        nll = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        hits = torch.zeros_like(nll)
+        same = torch.zeros_like(nll)
+        count = torch.zeros_like(nll)
+        for batch in dataloader:
+            logits = inner.next_frame_logits(batch["current"]).float()
+            target = batch["target"]
+            nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").double()
+            hits += (logits.argmax(-1) == target).sum()
+            same += (batch["current"] == target).sum()
+            count += target.numel()
+        nll, hits, same, count = (accelerator.reduce(x, "sum") for x in (nll, hits, same, count))
+        metrics = {"bits_per_code": (nll / count / math.log(2)).item(), "next_code_accuracy": (hits / count).item(),
+                   "persistence_accuracy": (same / count).item()}
+        self.task.stage_metrics.update({f"emulator_{k}": v for k, v in metrics.items()})
+        return metrics
+
+    @torch.no_grad()
+    def sample_grid(self, model, accelerator):
+        """Row 1: true frames 0..7 of a test trajectory (through the tokenizer); row 2: an emulator rollout from frame 0."""
+        vq = self.task.vq().to(accelerator.device)
+        codes = self.task.codes("test")[0, :8].to(accelerator.device)
+        side = codes.shape[-1]
+        current, rollout = codes[:1].flatten(1), [codes[:1]]
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(len(codes) - 1):
+            current = model.sample_next_frame(current, generator=gen)
+            rollout.append(current.view(1, side, side))
+        images = vq.decode(torch.cat([codes, torch.cat(rollout)]))
+        return _vorticity_grid(images, nrow=len(codes))
+
+
+class ThermalizerStage(Stage):
+    name = "thermalizer"
+
+    def _embeddings(self, split) -> torch.Tensor:
+        """Clean embeddings ``(N, D, h, w)``: codebook vectors of the true frames' codes."""
+        codes = self.task.codes(split).flatten(0, 1)
+        vq = self.task.vq()
+        return torch.cat([vq.embed(codes[i: i + 4096]) for i in range(0, len(codes), 4096)]).detach()
+
+    def build_model(self):
+        from hf_models.thermalizer import ThermalizerConfig, ThermalizerModel
+
+        clean = self._embeddings("train")
+        kwargs = dict(self.task.th_kwargs)
+        kwargs["data_mean"] = clean.mean((0, 2, 3)).tolist()
+        kwargs["data_std"] = clean.std((0, 2, 3)).clamp_min(1e-6).tolist()
+        self.task.th_config = ThermalizerConfig(**kwargs)
+        return ThermalizerModel(self.task.th_config)
+
+    def load(self, directory):
+        from hf_models.thermalizer import ThermalizerModel
+
+        return ThermalizerModel.from_pretrained(directory)
+
+    @torch.no_grad()
+    def prepare_data(self) -> Path:
+        """Clean (train/test) and drifted embeddings saved as ``datasets.Dataset`` under ``output_dir/embeddings``
+        (rebuilt when the tokenizer or the emulator changes)."""
+        from datasets import Dataset
+
+        root = Path(self.task.output_dir) / "embeddings"
+        key = _weights_key(Path(self.task.output_dir) / "vq_tokenizer", Path(self.task.output_dir) / "emulator")
+        meta = root / "meta.json"
+        prep = self.task.data_args
+        settings = {"weights": key, "steps": prep.drift_rollout_steps, "trajectories": prep.drift_trajectories,
+                    "temperature": prep.drift_temperature, "seed": self.task.config.training.seed}
+        if meta.is_file() and json.loads(meta.read_text()) == settings:
+            return root
+        tmp = root.with_name("embeddings.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for split in ("train", "test"):
+            codes = self.task.codes(split)
+            emb = self._embeddings(split).view(*codes.shape[:2], -1, *codes.shape[-2:])
+            Dataset.from_dict({
+                "embedding": emb.flatten(0, 1).numpy(),
+                "trajectory": torch.arange(codes.shape[0]).repeat_interleave(codes.shape[1]).numpy(),
+                "frame": torch.arange(codes.shape[1]).repeat(codes.shape[0]).numpy(),
+            }).save_to_disk(str(tmp / f"clean_{split}"))
+        vq, emulator = self.task.vq(), self.task.emulator()
+        start = self.task.codes("train")[: prep.drift_trajectories, 0].flatten(1)
+        gen = torch.Generator().manual_seed(self.task.config.training.seed)
+        current, embeddings = start, []
+        for _ in range(prep.drift_rollout_steps):
+            current = emulator.sample_next_frame(current, temperature=prep.drift_temperature, generator=gen)
+            embeddings.append(vq.embed(current.view(-1, vq.config.latent_size, vq.config.latent_size)))
+        drifted = torch.stack(embeddings, 1)  # (B, steps, D, h, w)
+        Dataset.from_dict({
+            "embedding": drifted.flatten(0, 1).numpy(),
+            "trajectory": torch.arange(len(start)).repeat_interleave(prep.drift_rollout_steps).numpy(),
+            "step": torch.arange(1, prep.drift_rollout_steps + 1).repeat(len(start)).numpy(),
+        }).save_to_disk(str(tmp / "drifted"))
+        (tmp / "meta.json").write_text(json.dumps(settings))
+        shutil.rmtree(root, ignore_errors=True)
+        tmp.rename(root)
+        return root
+
+    def build_datasets(self, accelerator):
+        from datasets import load_from_disk
+
+        if accelerator.is_main_process:
+            self.prepare_data()
+        accelerator.wait_for_everyone()
+        root = Path(self.task.output_dir) / "embeddings"
+        out = []
+        for split in ("train", "test"):
+            emb = load_from_disk(str(root / f"clean_{split}")).with_format("torch")[:]["embedding"]
+            out.append(TensorDictDataset(embedding=emb))
+        return out[0], out[1]
+
+    def compute_loss(self, model, batch, generator):
+        inner = getattr(model, "module", model)
+        x0 = inner.normalize(batch["embedding"])
+        steps = self.task.scheduler.config.num_train_timesteps
+        t = torch.randint(0, steps, (len(x0),), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        noisy = self.task.scheduler.add_noise(x0, noise, t)
+        out = model(sample=noisy, noise=noise, timesteps=t)
+        return StepOutput(loss=out.loss, logs={"noise_loss": out.noise_loss.item(), "level_loss": out.level_loss.item()},
+                          num_items=len(x0))
+
+    @torch.no_grad()
+    def evaluate(self, model, dataloader, accelerator):
+        """Test noise MSE and level CE at seeded levels; the classifier's mean |level error|; and its mean predicted
+        level on clean test embeddings against drifted ones (early and late in the emulator-only rollouts)."""
+        from datasets import load_from_disk
+
+        inner = accelerator.unwrap_model(model)
+        gen = torch.Generator().manual_seed(self.task.eval_args.seed + accelerator.process_index)
+        steps = self.task.scheduler.config.num_train_timesteps
+        sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # noise, level, |level err|, count
+        clean_levels = []
+        for batch in dataloader:
+            x0 = inner.normalize(batch["embedding"])
+            t = torch.randint(0, steps, (len(x0),), generator=gen).to(x0.device)
+            noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
+            out = inner(sample=self.task.scheduler.add_noise(x0, noise, t), noise=noise, timesteps=t)
+            err = (out.level_logits.argmax(-1) - t).abs().double().sum()
+            sums += torch.stack([out.noise_loss.double() * len(x0), out.level_loss.double() * len(x0), err, torch.tensor(float(len(x0)), dtype=torch.float64)])
+            clean_levels.append(inner.predict_level(x0).double())
+        sums = accelerator.reduce(sums, "sum")
+        metrics = {"noise_mse": (sums[0] / sums[3]).item(), "level_ce": (sums[1] / sums[3]).item(), "level_mae": (sums[2] / sums[3]).item(),
+                   "level_clean_mean": float(torch.cat(clean_levels).mean())}
+        drifted = load_from_disk(str(Path(self.task.output_dir) / "embeddings" / "drifted")).with_format("torch")[:]
+        last = int(drifted["step"].max())
+        for name, mask in (("early", drifted["step"] <= max(1, last // 10)), ("late", drifted["step"] > last - max(1, last // 10))):
+            emb = drifted["embedding"][mask].to(accelerator.device)
+            levels = torch.cat([inner.predict_level(inner.normalize(emb[i: i + 512])) for i in range(0, len(emb), 512)])
+            metrics[f"level_drifted_{name}_mean"] = float(levels.double().mean())
+        self.task.stage_metrics.update({f"thermalizer_{k}": v for k, v in metrics.items()})
+        return metrics
+
+    @torch.no_grad()
+    def sample_grid(self, model, accelerator):
+        """Decoded frames: clean, noised at 4 levels, and denoised back to s_stop by the thermalize step."""
+        vq = self.task.vq().to(accelerator.device)
+        emb = self._embeddings("test")[:4].to(accelerator.device)
+        sched = self.task.scheduler
+        x0 = model.normalize(emb)
+        gen = torch.Generator().manual_seed(0)
+        rows = [emb]
+        levels = [sched.config.s_init + 1, (sched.config.s_init + sched.config.s_max) // 2]
+        for s in levels:
+            t = torch.full((len(x0),), s, dtype=torch.long)
+            noisy = sched.add_noise(x0, torch.randn(x0.shape, generator=gen).to(x0), t)
+            rows.append(model.denormalize(noisy))
+            rows.append(model.denormalize(sched.thermalize(model, noisy, generator=gen, levels=t.to(x0.device)).sample))
+        images = torch.cat([vq.decode(vq.quantize(r)) for r in rows])
+        return _vorticity_grid(images, nrow=len(x0))
