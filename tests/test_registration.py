@@ -13,6 +13,7 @@ import hf_models
         ("code_gpt", AutoModelForCausalLM, "CodeGPTForCausalLM"),
         ("dtm", AutoModel, "DTMModel"),
         ("mnist_classifier", AutoModel, "MNISTClassifierModel"),
+        ("thermalizer", AutoModel, "ThermalizerModel"),
     ],
 )
 def test_auto_classes_resolve_every_family(model_type, auto, model_cls):

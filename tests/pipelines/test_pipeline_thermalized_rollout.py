@@ -1,0 +1,349 @@
+"""ThermalizedRolloutPipeline with tiny random components: output layout, the emulator-only arm reproduced step by
+step, the classifier-gated firing / stopping with the real scheduler, the noise-only control, input checks, frame
+scaling and the save/load round trip."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from hf_models.code_gpt import CodeGPTConfig, CodeGPTForCausalLM
+from hf_models.pipelines import ThermalizedRolloutOutput, ThermalizedRolloutPipeline
+from hf_models.schedulers import ThermalizerScheduler
+from hf_models.thermalizer import ThermalizerConfig, ThermalizerModel
+from hf_models.vq_tokenizer import VQTokenizerConfig, VQTokenizerModel
+
+torch.set_num_threads(1)
+
+S_INIT, S_STOP, S_MAX, T = 3, 1, 15, 20
+
+
+def vq_model(**overrides):
+    config = dict(image_size=16, num_channels=1, hidden_channels=[8, 16], num_res_blocks=1, codebook_size=32,
+                  embedding_dim=8)
+    return VQTokenizerModel(VQTokenizerConfig(**{**config, **overrides})).eval()
+
+
+def emulator_model(**overrides):
+    config = dict(codebook_size=32, num_classes=0, num_codes=16, class_dropout_prob=0.0, hidden_size=32,
+                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=34)
+    return CodeGPTForCausalLM(CodeGPTConfig(**{**config, **overrides})).eval()
+
+
+def thermalizer_model(**overrides):
+    config = dict(in_channels=8, sample_size=4, block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
+                  num_train_timesteps=T)
+    model = ThermalizerModel(ThermalizerConfig(**{**config, **overrides})).eval()
+    with torch.no_grad():  # the output conv starts at 0; give the noise predictor a non-trivial output
+        model.conv_out.weight.normal_(0, 0.1)
+    return model
+
+
+def small_pipe(frame_scale=1.0, **thermalizer_overrides):
+    torch.manual_seed(0)
+    vq = vq_model()
+    std = float(vq.quantizer.codebook.std())  # normalized embeddings of about unit scale, as in training
+    therm = thermalizer_model(**{"data_mean": [0.0] * 8, "data_std": [std] * 8, **thermalizer_overrides})
+    pipe = ThermalizedRolloutPipeline(
+        vq_tokenizer=vq,
+        emulator=emulator_model(),
+        thermalizer=therm,
+        scheduler=ThermalizerScheduler(num_train_timesteps=T, s_init=S_INIT, s_stop=S_STOP, s_max=S_MAX),
+        frame_scale=frame_scale,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def force_level(pipe, level):
+    """Make the level classifier's argmax `level` for every input (its final Linear: zero weights, one-hot bias)."""
+    proj = pipe.thermalizer.level_head.proj
+    assert isinstance(proj, torch.nn.Linear) and proj.out_features == T
+    with torch.no_grad():
+        proj.weight.zero_()
+        proj.bias.fill_(-10.0)
+        proj.bias[level] = 10.0
+
+
+def frames(batch=3, seed=0, scale=1.0):
+    return scale * torch.randn(batch, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ------------------------------------------------------------------------------------------------ output layout
+def test_output_shapes_dtypes_and_frame_zero_is_the_tokenized_initial_condition():
+    pipe = small_pipe(frame_scale=2.0)
+    x = frames(3, scale=2.0)
+    out = pipe(x, num_steps=4, generator=gen())
+    assert isinstance(out, ThermalizedRolloutOutput)
+    assert out.frames.shape == (3, 5, 16, 16) and out.frames.dtype == torch.float32
+    assert out.codes.shape == (3, 5, 4, 4) and out.codes.dtype == torch.long
+    for name in ("levels", "requantized_changes"):
+        assert getattr(out, name).shape == (3, 4) and getattr(out, name).dtype == torch.long, name
+    assert out.fired.shape == (3, 4) and out.fired.dtype == torch.bool
+    assert out.stopped_at.shape == (3,) and out.stopped_at.dtype == torch.long
+    assert bool(torch.isfinite(out.frames).all()) and int(out.codes.min()) >= 0 and int(out.codes.max()) < 32
+    with torch.no_grad():
+        codes0 = pipe.vq_tokenizer.encode(x[:, None] / 2.0)
+        frame0 = pipe.vq_tokenizer.decode(codes0)[:, 0] * 2.0
+        # every frame is the decoding of its code grid
+        decoded = pipe.vq_tokenizer.decode(out.codes.flatten(0, 1))[:, 0].view(3, 5, 16, 16) * 2.0
+    assert torch.equal(out.codes[:, 0], codes0)
+    torch.testing.assert_close(out.frames[:, 0], frame0)
+    torch.testing.assert_close(out.frames, decoded)
+    # the (B, 1, H, W) layout is accepted too and gives the same rollout
+    again = pipe(x[:, None], num_steps=4, generator=gen())
+    assert torch.equal(again.codes, out.codes)
+
+
+def test_output_type_np_and_tuple_return():
+    pipe = small_pipe()
+    x = frames(2)
+    pt = pipe(x, num_steps=2, generator=gen(1))
+    arr = pipe(x, num_steps=2, generator=gen(1), output_type="np")
+    assert isinstance(arr.frames, np.ndarray) and arr.frames.shape == (2, 3, 16, 16)
+    np.testing.assert_array_equal(arr.frames, pt.frames.numpy())
+    assert torch.equal(arr.codes, pt.codes)
+    tup = pipe(x, num_steps=2, generator=gen(1), return_dict=False)
+    assert isinstance(tup, tuple) and len(tup) == 6
+    for value, name in zip(tup, ("frames", "codes", "levels", "fired", "requantized_changes", "stopped_at")):
+        assert torch.equal(value, getattr(pt, name)), name
+
+
+def test_same_seed_same_rollout_different_seed_differs():
+    pipe = small_pipe()
+    x = frames(3)
+    a = pipe(x, num_steps=3, generator=gen(0))
+    b = pipe(x, num_steps=3, generator=gen(0))
+    c = pipe(x, num_steps=3, generator=gen(1))
+    for name in ("frames", "codes", "levels", "fired", "requantized_changes", "stopped_at"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.codes[:, 0], c.codes[:, 0])  # same initial condition
+    assert not torch.equal(a.codes[:, 1:], c.codes[:, 1:])
+
+
+# ------------------------------------------------------------------------------------------- the emulator alone
+def test_emulator_only_arm_is_sample_next_frame_step_by_step_and_tracks_the_classifier():
+    pipe = small_pipe()
+    x = frames(3, seed=4)
+    out = pipe(x, num_steps=4, thermalize=False, temperature=0.7, generator=gen(3))
+    g = gen(3)
+    with torch.no_grad():
+        current = pipe.vq_tokenizer.encode(x[:, None]).flatten(1)
+        for k in range(4):
+            current = pipe.emulator.sample_next_frame(current, temperature=0.7, generator=g)
+            assert torch.equal(out.codes[:, k + 1].flatten(1), current), k
+            # the level recorded at step k is the classifier's on the normalized embedding of that step's codes
+            embedded = pipe.thermalizer.normalize(pipe.vq_tokenizer.embed(current.view(3, 4, 4)))
+            assert torch.equal(out.levels[:, k], pipe.thermalizer(embedded).level_logits.argmax(-1)), k
+    assert not bool(out.fired.any()) and int(out.requantized_changes.abs().sum()) == 0
+    assert out.stopped_at.tolist() == [-1, -1, -1]
+    untracked = pipe(x, num_steps=4, thermalize=False, temperature=0.7, generator=gen(3), track_levels=False)
+    assert bool((untracked.levels == -1).all()) and torch.equal(untracked.codes, out.codes)
+
+
+def test_temperature_zero_is_the_argmax():
+    pipe = small_pipe()
+    x = frames(2)
+    out = pipe(x, num_steps=2, thermalize=False, temperature=0.0, generator=gen(0))
+    other = pipe(x, num_steps=2, thermalize=False, temperature=0.0, generator=gen(9))
+    assert torch.equal(out.codes, other.codes)  # no randomness left
+    with torch.no_grad():
+        first = pipe.emulator.next_frame_logits(out.codes[:, 0].flatten(1)).argmax(-1)
+    assert torch.equal(out.codes[:, 1].flatten(1), first)
+
+
+# ------------------------------------------------------------------------------------- firing with the scheduler
+@pytest.mark.parametrize("level", [0, S_INIT])
+def test_level_at_or_below_s_init_never_fires(level):
+    pipe = small_pipe()
+    force_level(pipe, level)
+    x = frames(3)
+    out = pipe(x, num_steps=3, generator=gen(5))
+    alone = pipe(x, num_steps=3, thermalize=False, generator=gen(5))
+    assert not bool(out.fired.any())
+    assert bool((out.levels == level).all()) and bool((alone.levels == level).all())
+    # re-quantizing the (untouched) embeddings gives back the same codes
+    assert int(out.requantized_changes.sum()) == 0
+    assert torch.equal(out.codes, alone.codes) and torch.equal(out.frames, alone.frames)
+    assert out.stopped_at.tolist() == [-1, -1, -1]
+
+
+def test_level_between_s_init_and_s_max_fires_and_is_the_scheduler_step_requantized():
+    level = 10
+    pipe = small_pipe()
+    force_level(pipe, level)
+    x = frames(3, seed=2)
+    out = pipe(x, num_steps=3, generator=gen(6))
+    assert bool(out.fired.all()) and bool((out.levels == level).all())
+    assert out.stopped_at.tolist() == [-1, -1, -1]
+    assert int(out.requantized_changes.sum()) > 0
+    # reproduce: emulator draw -> normalized embedding -> scheduler.thermalize -> denormalize -> nearest code
+    g = gen(6)
+    vq, therm = pipe.vq_tokenizer, pipe.thermalizer
+    scheduler = ThermalizerScheduler(num_train_timesteps=T, s_init=S_INIT, s_stop=S_STOP, s_max=S_MAX)
+    with torch.no_grad():
+        current = vq.encode(x[:, None]).flatten(1)
+        for k in range(3):
+            drawn = pipe.emulator.sample_next_frame(current, generator=g)
+            sample = therm.normalize(vq.embed(drawn.view(3, 4, 4)))
+            step = scheduler.thermalize(therm, sample, generator=g, levels=torch.full((3,), level))
+            assert bool(step.fired.all())
+            current = vq.quantize(therm.denormalize(step.sample)).flatten(1)
+            assert torch.equal(out.codes[:, k + 1].flatten(1), current), k
+            assert torch.equal(out.requantized_changes[:, k], (current != drawn).sum(1)), k
+    # the thermalized arm departs from the emulator alone
+    alone = pipe(x, num_steps=3, thermalize=False, generator=gen(6))
+    assert not torch.equal(out.codes[:, 1:], alone.codes[:, 1:])
+
+
+def test_level_above_s_max_stops_every_trajectory_at_step_one():
+    pipe = small_pipe()
+    force_level(pipe, S_MAX + 2)
+    out = pipe(frames(3), num_steps=4, generator=gen(0))
+    assert out.stopped_at.tolist() == [1, 1, 1]
+    assert not bool(out.fired.any())
+    assert bool(torch.isfinite(out.frames[:, 0]).all()) and bool(torch.isnan(out.frames[:, 1:]).all())
+    assert bool((out.codes[:, 0] >= 0).all()) and bool((out.codes[:, 1:] == -1).all())
+    assert out.levels[:, 0].tolist() == [S_MAX + 2] * 3 and bool((out.levels[:, 1:] == -1).all())
+    # the emulator alone is never stopped, whatever the classifier says
+    alone = pipe(frames(3), num_steps=4, thermalize=False, generator=gen(0))
+    assert alone.stopped_at.tolist() == [-1, -1, -1] and bool(torch.isfinite(alone.frames).all())
+    assert bool((alone.levels == S_MAX + 2).all())
+
+
+def test_stops_of_single_trajectories_keep_the_others_running(monkeypatch):
+    """Per-row levels from a scripted classifier: rows stop at different steps; the bookkeeping follows the rows."""
+    pipe = small_pipe()
+    script = iter([[0, 10, 0], [S_MAX + 1, 0, 10], [0, S_MAX + 4], [10]])  # one list per step, for the live rows
+    seen = []
+
+    def scripted(sample):
+        levels = torch.tensor(next(script))
+        seen.append(sample.shape[0])
+        assert len(levels) == sample.shape[0]
+        return levels
+
+    monkeypatch.setattr(pipe.thermalizer, "predict_level", scripted)
+    out = pipe(frames(3), num_steps=4, generator=gen(2))
+    assert seen == [3, 3, 2, 1]  # only the live rows are classified
+    assert out.stopped_at.tolist() == [2, -1, 3]
+    assert out.levels.tolist() == [[0, S_MAX + 1, -1, -1], [10, 0, 0, 10], [0, 10, S_MAX + 4, -1]]
+    assert out.fired.tolist() == [[False] * 4, [True, False, False, True], [False, True, False, False]]
+    assert int(out.requantized_changes[~out.fired].abs().sum()) == 0
+    dead = torch.tensor([[False, False, True, True, True], [False] * 5, [False, False, False, True, True]])
+    assert torch.equal((out.codes == -1).all(-1).all(-1), dead)
+    assert bool((out.codes[~dead] >= 0).all())
+    assert torch.equal(torch.isnan(out.frames).all(-1).all(-1), dead)
+    assert bool(torch.isfinite(out.frames[~dead]).all())
+
+
+def test_noise_control_same_firing_different_codes():
+    pipe = small_pipe()
+    force_level(pipe, 10)
+    x = frames(3)
+    learned = pipe(x, num_steps=3, generator=gen(7))
+    control = pipe(x, num_steps=3, noise_control=True, generator=gen(7))
+    assert torch.equal(control.fired, learned.fired) and bool(control.fired.all())
+    assert torch.equal(control.levels, learned.levels)
+    assert torch.equal(control.codes[:, 0], learned.codes[:, 0])
+    assert not torch.equal(control.codes[:, 1:], learned.codes[:, 1:])
+    # the control's first step is reproducible: emulator draw, then thermalize(noise_control=True) on the same stream
+    g = gen(7)
+    vq, therm = pipe.vq_tokenizer, pipe.thermalizer
+    with torch.no_grad():
+        drawn = pipe.emulator.sample_next_frame(vq.encode(x[:, None]).flatten(1), generator=g)
+        step = pipe.scheduler.thermalize(therm, therm.normalize(vq.embed(drawn.view(3, 4, 4))), generator=g,
+                                         levels=torch.full((3,), 10), noise_control=True)
+        expected = vq.quantize(therm.denormalize(step.sample))
+    assert torch.equal(control.codes[:, 1], expected)
+
+
+# --------------------------------------------------------------------------------------------------- input checks
+@pytest.mark.parametrize("bad", [0, -2, 2.5, True, "3"])
+def test_bad_num_steps(bad):
+    with pytest.raises(ValueError, match="num_steps"):
+        small_pipe()(frames(1), num_steps=bad)
+
+
+def test_bad_output_type_and_noise_control_without_thermalize():
+    pipe = small_pipe()
+    with pytest.raises(ValueError, match="output_type"):
+        pipe(frames(1), num_steps=1, output_type="pil")
+    with pytest.raises(ValueError, match="noise_control=True .* needs thermalize=True"):
+        pipe(frames(1), num_steps=1, thermalize=False, noise_control=True)
+
+
+@pytest.mark.parametrize(
+    "initial, match",
+    [
+        (torch.zeros(2, 8, 8), r"frames must have shape \(batch, 16, 16\)"),
+        (torch.zeros(2, 2, 16, 16), r"frames must have shape"),
+        (torch.zeros(16, 16), r"frames must have shape"),
+        (torch.zeros(2, 16, 16, dtype=torch.long), "finite float"),
+        (torch.full((2, 16, 16), float("nan")), "finite float"),
+    ],
+)
+def test_bad_initial_frames(initial, match):
+    with pytest.raises(ValueError, match=match):
+        small_pipe()(initial, num_steps=1)
+
+
+def test_mismatched_components_and_frame_scale_raise():
+    pipe = small_pipe()
+    parts = dict(vq_tokenizer=pipe.vq_tokenizer, emulator=pipe.emulator, thermalizer=pipe.thermalizer,
+                 scheduler=pipe.scheduler)
+    cases = [
+        (dict(thermalizer=thermalizer_model(in_channels=4)), "in_channels=4 differs from the tokenizer's embedding_dim=8"),
+        (dict(emulator=emulator_model(codebook_size=16)), "does not match the tokenizer"),
+        (dict(emulator=emulator_model(num_codes=9, max_position_embeddings=20)), "does not match the tokenizer"),
+        (dict(scheduler=ThermalizerScheduler(num_train_timesteps=30, s_init=3, s_stop=1, s_max=15)),
+         "num_train_timesteps=30 differs"),
+    ]
+    for change, match in cases:
+        other = ThermalizedRolloutPipeline(**{**parts, **change})
+        other.set_progress_bar_config(disable=True)
+        with pytest.raises(ValueError, match=match):
+            other(frames(1), num_steps=1)
+    for scale in (0.0, -1.0):
+        with pytest.raises(ValueError, match="frame_scale"):
+            ThermalizedRolloutPipeline(**parts, frame_scale=scale)
+
+
+# ------------------------------------------------------------------------------------------- frame_scale, saving
+def test_frame_scale_divides_the_input_and_multiplies_the_output():
+    one, two = small_pipe(frame_scale=1.0), small_pipe(frame_scale=2.0)
+    assert all(torch.equal(p, q) for p, q in zip(one.vq_tokenizer.parameters(), two.vq_tokenizer.parameters()))
+    x = frames(3, seed=8)
+    a = one(x, num_steps=2, generator=gen(4))
+    b = two(2 * x, num_steps=2, generator=gen(4))
+    assert torch.equal(a.codes, b.codes)
+    torch.testing.assert_close(b.frames, 2 * a.frames)
+    # the scale matters: the unscaled input through the scaled pipeline tokenizes differently
+    assert not torch.equal(two.encode_frames(x), a.codes[:, 0])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    pipe = small_pipe(frame_scale=2.5)
+    force_level(pipe, 10)  # a firing rollout exercises all four components
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["frame_scale"] == 2.5
+    assert {"vq_tokenizer", "emulator", "thermalizer", "scheduler"} <= set(index)
+    loaded = ThermalizedRolloutPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.frame_scale == 2.5
+    assert type(loaded.thermalizer) is ThermalizerModel and type(loaded.scheduler) is ThermalizerScheduler
+    sc = loaded.scheduler.config
+    assert (sc.s_init, sc.s_stop, sc.s_max, sc.num_train_timesteps) == (S_INIT, S_STOP, S_MAX, T)
+    assert loaded.thermalizer.config.data_std == pipe.thermalizer.config.data_std
+    x = frames(2, scale=2.5)
+    a = pipe(x, num_steps=3, generator=gen(5))
+    b = loaded(x, num_steps=3, generator=gen(5))
+    assert bool(a.fired.all()) and torch.equal(a.fired, b.fired)
+    assert torch.equal(a.codes, b.codes) and torch.equal(a.frames, b.frames)
