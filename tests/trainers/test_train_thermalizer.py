@@ -1,0 +1,186 @@
+"""End-to-end training of the thermalizer system on solver data: three stages from one experiment file, data
+preparation, the three-arm evaluation (recomputed independently here), pipeline loading, Hub round trip, DeepSpeed."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = str(REPO / "configs" / "experiments" / "thermalizer_kolmogorov_tiny.yaml")
+ARMS = ("emulator", "thermalizer", "noise_control")
+
+
+def run_train(output_dir, *overrides, config=TINY, launcher=None, timeout=900):
+    cmd = list(launcher or [sys.executable]) + ["-m", "trainers.train", config, "--training.output_dir", str(output_dir),
+                                               "--training.disable_progress_bar", "true", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def history(output_dir):
+    rows = [json.loads(line) for line in (Path(output_dir) / "logs" / "log_history.jsonl").read_text().splitlines()]
+    return [r for r in rows if "train/loss" in r]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("thermalizer") / "run"
+    run_train(out, "--training.logging_steps", "1")
+    return out
+
+
+def test_tiny_run_writes_pipeline_data_plots_metrics_and_card(tiny_run):
+    out = tiny_run
+    for name in ("model_index.json", "vq_tokenizer/model.safetensors", "emulator/model.safetensors", "thermalizer/model.safetensors",
+                 "scheduler/scheduler_config.json", "README.md", "samples.png", "survival_curves.png", "enstrophy.png",
+                 "spectra.png", "frames.png", "config.yaml", "eval_results.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["num_initial_conditions"] == 4 and results["rollout_steps"] == 30
+    for arm in ARMS:
+        assert 0 <= results[f"median_survival_{arm}"] <= 30
+        assert len(results[f"short_term_correlation_{arm}"]) == 3
+        assert results[f"spectrum_distance_{arm}"] >= 0
+    assert results["fire_rate_emulator"] == 0.0 and results["requantized_changes_mean_emulator"] == 0.0
+    assert results["survival_ratio"] == results["median_survival_thermalizer"] / max(results["median_survival_emulator"], 1.0)
+    # all three stages trained and logged their own losses
+    rows = history(out)
+    stages = {r.get("stage") for r in rows}
+    assert {"vq_tokenizer", "emulator", "thermalizer"} <= stages, stages
+    assert any("train/noise_loss" in r and "train/level_loss" in r for r in rows)
+    card = (out / "README.md").read_text()
+    assert "ThermalizedRolloutPipeline" in card and "median_survival_thermalizer" in card and "model-index" in card
+    assert "in parallel in one" in card  # says how the emulator predicts a frame
+
+
+def test_prepared_embeddings_are_codebook_vectors(tiny_run):
+    """Clean and drifted embeddings are saved as datasets; every vector is a row of the trained codebook."""
+    from datasets import load_from_disk
+
+    from hf_models.vq_tokenizer import VQTokenizerModel
+
+    vq = VQTokenizerModel.from_pretrained(str(tiny_run / "vq_tokenizer"))
+    codebook = vq.quantizer.lookup(torch.arange(vq.config.codebook_size))  # (K, D)
+    drifted = load_from_disk(str(tiny_run / "embeddings" / "drifted")).with_format("torch")[:]
+    assert len(drifted["step"]) == 4 * 10  # drift_trajectories x drift_rollout_steps
+    assert sorted(set(drifted["step"].tolist())) == list(range(1, 11))
+    for name in ("drifted", "clean_train", "clean_test"):
+        emb = load_from_disk(str(tiny_run / "embeddings" / name)).with_format("torch")[:]["embedding"]
+        vectors = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+        distance = (vectors[:, None, :] - codebook[None]).abs().amax(-1).amin(1)  # exact: no cdist round-off
+        assert distance.max() == 0, name
+    clean = load_from_disk(str(tiny_run / "embeddings" / "clean_train"))
+    assert len(clean) == 4 * 12  # 4 trajectories x 12 strided frames
+
+
+def test_evaluation_numbers_are_reproduced_from_the_saved_pipeline(tiny_run):
+    """Re-run the emulator-alone and thermalizer arms from the exported pipeline and recompute survival and the
+    late-window spectrum distance with the metric functions: they match what the run wrote."""
+    from hf_models.metrics.rollout_stability import flow_statistics, spectrum_distance, statistic_range, survival_steps
+    from hf_models.pipelines import ThermalizedRolloutPipeline
+    from trainers.arguments import load_config
+    from trainers.tasks.thermalizer import KolmogorovDataArguments
+
+    results = json.loads((tiny_run / "eval_results.json").read_text())
+    config = load_config(str(tiny_run / "config.yaml"))
+    data = KolmogorovDataArguments(**config.data).load()
+    pipe = ThermalizedRolloutPipeline.from_pretrained(str(tiny_run))
+    pipe.set_progress_bar_config(disable=True)
+    assert abs(pipe.config.frame_scale - float(data["train"].std())) < 1e-6
+    stats = flow_statistics(data["train"])
+    ranges = {k: statistic_range(stats[k], 0.1) for k in ("enstrophy", "energy")}
+    assert [list(v) for v in ranges.values()] == [results["survival_ranges"][k] for k in ranges]
+    for arm in ("emulator", "thermalizer"):
+        out = pipe(data["test"][:4, 0], num_steps=30, thermalize=arm != "emulator", generator=torch.Generator().manual_seed(0))
+        s = flow_statistics(out.frames[:, 1:])
+        survival = torch.stack([survival_steps(s[k], *ranges[k], stopped_at=out.stopped_at) for k in ranges]).amin(0)
+        assert float(survival.float().median()) == results[f"median_survival_{arm}"], arm
+        late = out.frames[:, -10:]
+        late = late[torch.isfinite(late).flatten(1).all(1)]
+        if len(late):
+            assert abs(spectrum_distance(late, data["test"]) - results[f"spectrum_distance_{arm}"]) < 1e-9, arm
+        assert abs(out.fired.float().mean().item() - results[f"fire_rate_{arm}"]) < 1e-9
+
+
+def test_bad_thermalizer_config_fails_before_training(tmp_path):
+    for override, words in ((["--model.scheduler.s_stop", "5"], ["s_stop", "s_init"]),
+                            (["--model.thermalizer.in_channels", "5"], ["in_channels", "tokenizer"]),
+                            (["--evaluation.num_initial_conditions", "9"], ["num_initial_conditions", "num_test_trajectories"])):
+        out = tmp_path / "bad"
+        proc = subprocess.run([sys.executable, "-m", "trainers.train", TINY, "--training.output_dir", str(out), *override],
+                              cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0, override
+        for word in words:
+            assert word in proc.stderr, (override, proc.stderr[-2000:])
+        assert not (out / "checkpoints").exists()
+
+
+def test_push_then_load_the_pipeline_from_the_hub(tiny_run, hub_server, tmp_path):
+    from tests.conftest import hub_env
+
+    repo_id = "latentheat-test/thermalizer-tiny"
+    push = subprocess.run([sys.executable, "-m", "trainers.push", str(tiny_run), repo_id], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=hub_env(hub_server, tmp_path))
+    assert push.returncode == 0, push.stderr[-3000:]
+    script = textwrap.dedent(f"""
+        import torch
+        from hf_models.pipelines import ThermalizedRolloutPipeline
+        def roll(pipe):
+            pipe.set_progress_bar_config(disable=True)
+            frames = torch.linspace(-3, 3, 2 * 16 * 16).view(2, 16, 16)
+            return pipe(frames, num_steps=4, generator=torch.Generator().manual_seed(1)).codes
+        hub = roll(ThermalizedRolloutPipeline.from_pretrained({repo_id!r}))
+        local = roll(ThermalizedRolloutPipeline.from_pretrained({str(tiny_run)!r}))
+        assert torch.equal(hub, local), "hub pipeline differs from the local one"
+        from huggingface_hub import hf_hub_download
+        card = open(hf_hub_download({repo_id!r}, "README.md")).read()
+        hf_hub_download({repo_id!r}, "survival_curves.png")
+        assert "median_survival_thermalizer" in card
+        from transformers import AutoModel
+        th = AutoModel.from_pretrained({repo_id!r}, subfolder="thermalizer", trust_remote_code=True)
+        assert type(th).__name__ == "ThermalizerModel"
+        print("pipeline ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env=hub_env(hub_server, tmp_path))
+    assert proc.returncode == 0 and "pipeline ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_evaluate_cli_reevaluates_with_another_rollout_length(tiny_run):
+    proc = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(tiny_run), "--evaluation.rollout_steps", "12",
+                           "--evaluation.late_window", "4"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert results["rollout_steps"] == 12 and results["evaluation/rollout_steps"] == 12
+    assert all(0 <= results[f"median_survival_{arm}"] <= 12 for arm in ARMS)
+
+
+@pytest.mark.distributed
+def test_deepspeed_zero2_trains_the_thermalizer(tmp_path):
+    """`--trainer deepspeed` under torchrun (2 gloo ranks) trains all three stages and exports the pipeline."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ds"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
+    run_train(out, "--trainer", "deepspeed", "--training.logging_steps", "1", "--evaluation.rollout_steps", "6",
+              "--evaluation.late_window", "3", "--evaluation.early_window", "3", launcher=launcher)
+    for stage in ("vq_tokenizer", "emulator", "thermalizer"):
+        state = json.loads((out / "checkpoints" / stage / "checkpoint-10" / "trainer_state.json").read_text())
+        assert state["num_processes"] == 2 and state["deepspeed_config"]["zero_optimization"]["stage"] == 2
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["rollout_steps"] == 6
+    from hf_models.pipelines import ThermalizedRolloutPipeline
+
+    pipe = ThermalizedRolloutPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe(torch.zeros(1, 16, 16) + 1.0, num_steps=2).frames.shape == (1, 3, 16, 16)
