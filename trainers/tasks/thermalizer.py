@@ -317,6 +317,17 @@ class ThermalizerTask(Task):
         return arms
 
     @torch.no_grad()
+    def survival_ranges(self, pipe) -> dict:
+        """The interval of each survival statistic over the true training trajectories as the tokenizer represents
+        them (frames encoded and decoded: the emulator can at best produce those), widened by ``range_margin``."""
+        from hf_models.metrics.rollout_stability import flow_statistics, statistic_range
+
+        train = self.frames("train").flatten(0, 1)
+        represented = torch.cat([pipe.decode_codes(pipe.encode_frames(train[i: i + 1024])) for i in range(0, len(train), 1024)])
+        stats = flow_statistics(represented)
+        return {name: statistic_range(stats[name], self.eval_args.range_margin) for name in self.eval_args.survival_statistics}
+
+    @torch.no_grad()
     def evaluate_pipeline(self, pipe, out: Optional[Path]) -> dict:
         """Survival, late-window spectrum / enstrophy-histogram / codebook-usage distances, short-term correlation,
         firing statistics per arm; with ``out``, the PNG plots there (and the results copy if configured)."""
@@ -334,8 +345,7 @@ class ThermalizerTask(Task):
 
         ev = self.eval_args
         train, test = self.frames("train"), self.frames("test")
-        truth_stats = flow_statistics(train)
-        ranges = {name: statistic_range(truth_stats[name], ev.range_margin) for name in ev.survival_statistics}
+        ranges = self.survival_ranges(pipe)
         test_pool = test.flatten(0, 1)
         test_enstrophy = flow_statistics(test_pool)["enstrophy"]
         test_codes = pipe.encode_frames(test_pool)
@@ -351,6 +361,7 @@ class ThermalizerTask(Task):
             "rollout_seconds": rollout_seconds,
             "frames_per_second": 3 * ev.num_initial_conditions * ev.rollout_steps / rollout_seconds,
             "survival_ranges": {k: list(v) for k, v in ranges.items()},
+            "survival_ranges_raw_truth": {k: list(statistic_range(flow_statistics(train)[k], ev.range_margin)) for k in ranges},
             "spectrum_distance_vq_reconstruction": spectrum_distance(reconstructed_truth, test),
             "enstrophy_histogram_distance_vq_reconstruction": histogram_distance(flow_statistics(reconstructed_truth)["enstrophy"], test_enstrophy),
         }

@@ -1,0 +1,109 @@
+"""Rollout speed of the thermalized emulator: frames per second with and without the thermalizer (and the noise-only
+control), and the Kolmogorov solver it replaces, all measured in the same run.
+
+    python benchmarks/rollout.py --output-dir outputs/thermalizer_kolmogorov --trajectories 16 --steps 200
+
+The pipeline comes from a finished ``thermalizer_kolmogorov`` run (how often the thermalizer fires, and so its cost,
+depends on the trained classifier). The solver peer integrates the same number of trajectories over the same physical
+time at its own resolution (``grid_size``), so ``emulator_speedup_over_solver`` is what the learned emulator buys.
+Writes ``benchmarks/results/rollout.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", default="outputs/thermalizer_kolmogorov", help="a finished thermalizer run")
+    parser.add_argument("--trajectories", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=200, help="emulator steps per timed rollout")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from hf_models.data.kolmogorov import KolmogorovSolver
+    from hf_models.pipelines import ThermalizedRolloutPipeline
+    from trainers.arguments import load_config
+    from trainers.tasks.thermalizer import KolmogorovDataArguments
+
+    out = Path(args.output_dir)
+    if not (out / "model_index.json").is_file():
+        raise SystemExit(f"{out} is not a finished thermalizer run (no model_index.json); train it first:\n"
+                         "  python -m trainers.train configs/experiments/thermalizer_kolmogorov.yaml")
+    pipe = ThermalizedRolloutPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    data_args = KolmogorovDataArguments(**load_config(str(out / "config.yaml")).data)
+    test = data_args.load()["test"]
+    if len(test) < args.trajectories:
+        raise SystemExit(f"--trajectories={args.trajectories} but the run has {len(test)} test trajectories")
+    initial = test[: args.trajectories, 0]
+
+    timings = {}
+    fire = {}
+    for arm, kwargs in (("emulator", {"thermalize": False, "track_levels": False}),
+                        ("emulator_with_levels", {"thermalize": False, "track_levels": True}),
+                        ("thermalizer", {"thermalize": True}),
+                        ("noise_control", {"thermalize": True, "noise_control": True})):
+        pipe(initial[:2], num_steps=2, **kwargs)  # warm-up
+        start = time.perf_counter()
+        result = pipe(initial, num_steps=args.steps, generator=torch.Generator().manual_seed(0), **kwargs)
+        timings[arm] = time.perf_counter() - start
+        fire[arm] = float(result.fired.float().mean())
+    fps = {arm: args.trajectories * args.steps / seconds for arm, seconds in timings.items()}
+
+    # the solver peer: the same trajectories over the same physical time
+    solver_config = data_args.solver_config()
+    solver = KolmogorovSolver(solver_config)
+    steps_per_frame = solver_config.steps_per_frame * data_args.frame_stride
+    state = solver.initial_condition(args.trajectories, seed=0)
+    omega_hat = solver.to_spectral(state)
+    solver.advance(omega_hat, 2)  # warm-up
+    solver_steps = max(steps_per_frame * min(args.steps, 20), 1)
+    start = time.perf_counter()
+    solver.advance(omega_hat, solver_steps)
+    solver_seconds = time.perf_counter() - start
+    solver_steps_per_s = solver_steps / solver_seconds
+    solver_fps = args.trajectories * solver_steps_per_s / steps_per_frame
+
+    result = {
+        "benchmark": "thermalized_rollout",
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "output_dir": str(out),
+        "trajectories": args.trajectories,
+        "steps": args.steps,
+        "frames_per_s_emulator": round(fps["emulator"], 2),
+        "frames_per_s_emulator_with_levels": round(fps["emulator_with_levels"], 2),
+        "frames_per_s_thermalizer": round(fps["thermalizer"], 2),
+        "frames_per_s_noise_control": round(fps["noise_control"], 2),
+        "ratio_thermalizer_over_emulator": round(fps["thermalizer"] / fps["emulator"], 3),
+        "fire_rate_thermalizer": fire["thermalizer"],
+        "solver_grid_size": solver_config.grid_size,
+        "solver_steps_per_frame": steps_per_frame,
+        "solver_steps_per_s": round(solver_steps_per_s, 2),
+        "solver_trajectory_steps_per_s": round(solver_steps_per_s * args.trajectories, 1),
+        "frames_per_s_solver": round(solver_fps, 2),
+        "emulator_speedup_over_solver": round(fps["emulator"] / solver_fps, 3),
+        "thermalized_speedup_over_solver": round(fps["thermalizer"] / solver_fps, 3),
+        "torch": torch.__version__,
+    }
+    print(json.dumps(result, indent=2))
+    path = Path(__file__).resolve().parent / "results" / "rollout.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
