@@ -2,7 +2,8 @@
 
 Loads the exported pipeline and the run's resolved ``config.yaml``, applies the overrides (e.g.
 ``--evaluation.guidance_scale 1.0`` to measure without classifier-free guidance) and prints the
-sample metrics as JSON. ``--write`` merges them into ``eval_results.json``.
+sample metrics as JSON. ``--write`` merges them into ``eval_results.json`` (and, for tasks that draw plots, rewrites
+them in OUTPUT_DIR).
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ def main(argv=None) -> int:
         task = build_task(config)
         if not hasattr(task, "evaluate_saved"):
             raise ConfigError(f"task {config.task!r} has no re-evaluation yet")
-        results = task.evaluate_saved(out)
+        import inspect
+
+        if "write" in inspect.signature(task.evaluate_saved).parameters:  # tasks that also write plots
+            results = task.evaluate_saved(out, write=write)
+        else:
+            results = task.evaluate_saved(out)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

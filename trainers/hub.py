@@ -134,7 +134,7 @@ def _flatten_numeric(results: dict, prefix: str = "") -> dict[str, float]:
 
 
 # Bookkeeping numbers a run may write next to its metrics; they are not evaluation results.
-NON_METRIC_KEYS = {"step", "steps", "global_step", "epoch", "epochs", "runtime", "train_runtime", "num_samples", "seed"}
+NON_METRIC_KEYS = {"step", "steps", "global_step", "epoch", "epochs", "runtime", "train_runtime", "num_samples", "seed", "s_init", "s_stop", "s_max", "rollout_steps"}
 
 
 def _is_metric(name: str) -> bool:

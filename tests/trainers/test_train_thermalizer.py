@@ -185,3 +185,38 @@ def test_deepspeed_zero2_trains_the_thermalizer(tmp_path):
     pipe = ThermalizedRolloutPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
     assert pipe(torch.zeros(1, 16, 16) + 1.0, num_steps=2).frames.shape == (1, 3, 16, 16)
+
+
+def test_lora_on_every_stage_from_the_tiny_run(tiny_run, tmp_path):
+    """``peft.enabled`` with the tiny run as base: each stage trains only LoRA adapters on its default targets (the
+    thermalizer's convolutions and level head included), the base run's weights stay bit-identical and the adapter
+    on the base reproduces the merged thermalizer."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from hf_models.thermalizer import ThermalizerModel
+
+    base_files = {p.relative_to(tiny_run).as_posix(): p.read_bytes() for p in tiny_run.rglob("*.safetensors")}
+    out = tmp_path / "lora"
+    run_train(out, "--peft.enabled", "true", "--peft.base_model", str(tiny_run), "--peft.r", "2", "--peft.lora_alpha", "4",
+              "--stages.vq_tokenizer.max_steps", "3", "--stages.emulator.max_steps", "3", "--stages.thermalizer.max_steps", "3",
+              "--evaluation.rollout_steps", "4", "--evaluation.late_window", "2", "--evaluation.early_window", "2",
+              "--evaluation.short_term_steps", "2", "--data.drift_rollout_steps", "3")
+    assert {p.relative_to(tiny_run).as_posix(): p.read_bytes() for p in tiny_run.rglob("*.safetensors")} == base_files
+    targets = {"vq_tokenizer": {"conv_in", "conv1", "conv2", "conv_out"}, "emulator": {"q_proj", "k_proj", "v_proj", "o_proj"},
+               "thermalizer": {"conv_in", "conv1", "conv2", "conv_out", "proj"}}
+    for stage, expected in targets.items():
+        config = json.loads((out / stage / "adapter" / "adapter_config.json").read_text())
+        assert set(config["target_modules"]) == expected, stage
+        adapter = load_file(str(out / stage / "adapter" / "adapter_model.safetensors"))
+        assert any(".lora_A" in k for k in adapter) and any(".lora_B" in k for k in adapter)
+    base = ThermalizerModel.from_pretrained(str(tiny_run / "thermalizer")).eval()
+    merged = ThermalizerModel.from_pretrained(str(out / "thermalizer")).eval()
+    # the LoRA run computes its own embedding statistics (its tokenizer was adapted too): compare on the same config
+    adapted = PeftModel.from_pretrained(ThermalizerModel.from_pretrained(str(tiny_run / "thermalizer"), config=merged.config),
+                                        str(out / "thermalizer" / "adapter")).eval()
+    x = torch.randn(3, 8, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, m, b = adapted(sample=x), merged(sample=x), base(sample=x)
+    assert torch.allclose(a.noise_pred, m.noise_pred, atol=1e-5) and torch.allclose(a.level_logits, m.level_logits, atol=1e-5)
+    assert (m.level_logits - b.level_logits).abs().max() > 1e-6  # the adapter changed the model

@@ -112,6 +112,10 @@ class ThermalizerEvalArguments:
     short_term_steps: int = 10
     strip_steps: list = field(default_factory=lambda: [0, 1, 5, 20, 100, 500, 1000, 2000])
     results_copy: Optional[str] = None  # e.g. benchmarks/results/thermalizer_survival.json
+    # thresholds of the thermalize step for this evaluation (default: the saved scheduler's)
+    s_init: Optional[int] = None
+    s_stop: Optional[int] = None
+    s_max: Optional[int] = None
     seed: int = 0
 
     def __post_init__(self):
@@ -296,12 +300,14 @@ class ThermalizerTask(Task):
         accelerator.wait_for_everyone()
         return results
 
-    def evaluate_saved(self, output_dir) -> dict:
+    def evaluate_saved(self, output_dir, write: bool = False) -> dict:
+        """The metrics of an exported pipeline under this task's ``evaluation`` settings; with ``write``, the plots
+        (and ``evaluation.results_copy``) are rewritten too."""
         from hf_models.pipelines import ThermalizedRolloutPipeline
 
         pipe = ThermalizedRolloutPipeline.from_pretrained(str(output_dir))
         pipe.set_progress_bar_config(disable=True)
-        results = self.evaluate_pipeline(pipe, None)
+        results = self.evaluate_pipeline(pipe, Path(output_dir) if write else None)
         results.update({f"evaluation/{k}": v for k, v in vars(self.eval_args).items() if not isinstance(v, list)})
         return results
 
@@ -345,6 +351,14 @@ class ThermalizerTask(Task):
 
         ev = self.eval_args
         train, test = self.frames("train"), self.frames("test")
+        thresholds = {k: getattr(ev, k) for k in ("s_init", "s_stop", "s_max") if getattr(ev, k) is not None}
+        if thresholds:
+            from hf_models.schedulers import ThermalizerScheduler
+
+            try:
+                pipe.scheduler = ThermalizerScheduler.from_config({**pipe.scheduler.config, **thresholds})
+            except ValueError as err:
+                raise ConfigError(f"evaluation thresholds {thresholds}: {err}") from None
         ranges = self.survival_ranges(pipe)
         test_pool = test.flatten(0, 1)
         test_enstrophy = flow_statistics(test_pool)["enstrophy"]
@@ -360,6 +374,7 @@ class ThermalizerTask(Task):
             "rollout_steps": ev.rollout_steps,
             "rollout_seconds": rollout_seconds,
             "frames_per_second": 3 * ev.num_initial_conditions * ev.rollout_steps / rollout_seconds,
+            **{k: pipe.scheduler.config[k] for k in ("s_init", "s_stop", "s_max")},
             "survival_ranges": {k: list(v) for k, v in ranges.items()},
             "survival_ranges_raw_truth": {k: list(statistic_range(flow_statistics(train)[k], ev.range_margin)) for k in ranges},
             "spectrum_distance_vq_reconstruction": spectrum_distance(reconstructed_truth, test),
@@ -615,6 +630,10 @@ class ThermalizerStage(Stage):
         from hf_models.thermalizer import ThermalizerModel
 
         return ThermalizerModel.from_pretrained(directory)
+
+    def peft_target_modules(self):
+        # the ResBlocks' and the stem's convolutions and the level head's Linear
+        return ["conv_in", "conv1", "conv2", "conv_out", "proj"]
 
     @torch.no_grad()
     def prepare_data(self) -> Path:
