@@ -116,9 +116,29 @@ def apply_lora(stage: "Stage", model: torch.nn.Module, peft_args: PeftArguments)
             hint = f" Adaptable layer names in {type(model).__name__}: {', '.join(names) or 'none'}."
         message = str(err).rstrip(".")
         raise ConfigError(f"peft: stage {stage.name}: LoRA with {what}={sorted(targets) if isinstance(targets, (set, list)) else targets} failed: {message}.{hint}") from None
+    match_lora_conv_padding(wrapped)
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     logger.info(f"stage {stage.name}: {trainable} trainable LoRA parameters of {sum(p.numel() for p in wrapped.parameters())}")
     return wrapped
+
+
+def match_lora_conv_padding(model: torch.nn.Module) -> int:
+    """Give every LoRA ``lora_A`` convolution the padding mode of the convolution it adapts; returns how many changed.
+
+    peft builds ``lora_A`` with the base layer's kernel, stride and padding but always zero padding, so on a layer with
+    ``padding_mode="circular"`` (the thermalizer's periodic domain) the unmerged adapter differs from the merged
+    weights at the borders. With matching padding the adapter computes exactly what the merged export does. Call it
+    after ``PeftModel.from_pretrained`` too."""
+    changed = 0
+    for module in model.modules():
+        base, lora_a = getattr(module, "base_layer", None), getattr(module, "lora_A", None)
+        if not isinstance(base, torch.nn.modules.conv._ConvNd) or not isinstance(lora_a, torch.nn.ModuleDict):
+            continue
+        for conv in lora_a.values():
+            if isinstance(conv, torch.nn.modules.conv._ConvNd) and conv.padding_mode != base.padding_mode:
+                conv.padding_mode = base.padding_mode
+                changed += 1
+    return changed
 
 
 def load_base_weights(stage: "Stage", model: torch.nn.Module, directory: Path) -> torch.nn.Module:
