@@ -66,6 +66,9 @@ class ThermalizerScheduler(DDPMScheduler):
         s_init (`int`, defaults to 10): an item whose predicted level exceeds `s_init` is thermalized.
         s_stop (`int`, defaults to 4): the level thermalization denoises down to.
         s_max (`int`, defaults to 200): an item whose predicted level exceeds `s_max` is flagged `stopped`.
+        num_denoising_steps (`int`, *optional*): at most this many DDPM steps per thermalization: item `i` jumps along
+            `K + 1` evenly spaced levels from `s_i` to `s_stop` (rounded; the DDPM posterior between non-adjacent
+            levels, as in strided DDPM sampling). `None` (default, the paper's) steps one level at a time.
         Other arguments: as in `DDPMScheduler`.
 
     Example:
@@ -99,6 +102,7 @@ class ThermalizerScheduler(DDPMScheduler):
         s_init: int = 10,
         s_stop: int = 4,
         s_max: int = 200,
+        num_denoising_steps: Optional[int] = None,
     ):
         if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) or num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={num_train_timesteps!r} is invalid: expected an int >= 2")
@@ -109,6 +113,12 @@ class ThermalizerScheduler(DDPMScheduler):
             raise ValueError(
                 f"s_stop={s_stop}, s_init={s_init}, s_max={s_max} with num_train_timesteps={num_train_timesteps} are "
                 f"invalid: expected 0 <= s_stop < s_init <= s_max < num_train_timesteps"
+            )
+        if num_denoising_steps is not None and (
+            not isinstance(num_denoising_steps, (int, np.integer)) or isinstance(num_denoising_steps, bool) or num_denoising_steps < 1
+        ):
+            raise ValueError(
+                f"num_denoising_steps={num_denoising_steps!r} is invalid: expected null (one level per step) or an int >= 1"
             )
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(
@@ -138,6 +148,24 @@ class ThermalizerScheduler(DDPMScheduler):
             steps_offset=steps_offset,
             rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
+
+    def step_between(self, noise_pred: torch.Tensor, timesteps: torch.LongTensor, prev_timesteps: torch.LongTensor,
+                     sample: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """One ancestral DDPM step per item from level `timesteps[i]` to `prev_timesteps[i] < timesteps[i]` (DDPM's
+        `step` with `prev_t` given, vectorised over items with different levels; `fixed_small` variance)."""
+        if not bool((prev_timesteps < timesteps).all()) or int(prev_timesteps.min()) < 0:
+            raise ValueError("step_between needs 0 <= prev_timesteps < timesteps for every item")
+        shape = (-1,) + (1,) * (sample.ndim - 1)
+        ab = self.alphas_cumprod.to(sample.device, torch.float64)
+        ab_t, ab_p = ab[timesteps.to(sample.device)].view(shape), ab[prev_timesteps.to(sample.device)].view(shape)
+        alpha = ab_t / ab_p
+        beta = 1 - alpha
+        x_t, eps = sample.double(), noise_pred.double()
+        x0 = (x_t - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
+        mean = ab_p.sqrt() * beta / (1 - ab_t) * x0 + alpha.sqrt() * (1 - ab_p) / (1 - ab_t) * x_t
+        variance = (beta * (1 - ab_p) / (1 - ab_t)).clamp_min(1e-20)
+        noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype).double()
+        return (mean + variance.sqrt() * noise).to(sample.dtype)
 
     @staticmethod
     def _noise_pred(output) -> torch.Tensor:
@@ -189,7 +217,25 @@ class ThermalizerScheduler(DDPMScheduler):
         stopped = levels > cfg.s_max
         fired = (levels > cfg.s_init) & ~stopped
         x = sample.clone()
-        if bool(fired.any()):
+        if bool(fired.any()) and cfg.num_denoising_steps is not None:
+            rows_all = fired.nonzero().flatten()
+            start = levels[rows_all].double()
+            frac = torch.arange(cfg.num_denoising_steps + 1, dtype=torch.float64, device=start.device) / cfg.num_denoising_steps
+            grid = (start[:, None] + (cfg.s_stop - start[:, None]) * frac[None]).round().long()  # (n, K + 1)
+            for k in range(cfg.num_denoising_steps):
+                t, prev = grid[:, k], grid[:, k + 1]
+                act = t > prev
+                if not bool(act.any()):
+                    continue
+                rows = rows_all[act]
+                x_t = x[rows]
+                if noise_control:
+                    eps = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+                else:
+                    eps = self._noise_pred(model(x_t))
+                    num_model_calls += 1
+                x[rows] = self.step_between(eps, t[act], prev[act], x_t, generator=generator).to(x.dtype)
+        elif bool(fired.any()):
             top = int(levels[fired].max())
             saved = self.num_inference_steps, self.custom_timesteps
             # with neither set, DDPM's previous_timestep(t) is t - 1

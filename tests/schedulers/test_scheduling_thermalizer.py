@@ -326,3 +326,82 @@ def test_same_seed_same_output_different_seed_differs(noise_control):
     assert torch.equal(out.levels, model(sample).level_logits.argmax(-1))
     again = scheduler.thermalize(model, sample, generator=torch.Generator().manual_seed(0), noise_control=noise_control)
     assert torch.equal(out.sample, again.sample)
+
+
+class GridOracle(torch.nn.Module):
+    """The Gaussian oracle for strided thermalization: it is told the level sequence it will be called at."""
+
+    def __init__(self, alphas_cumprod, levels, mu=MU, sigma=SIGMA):
+        super().__init__()
+        self.alphas_cumprod, self.levels, self.mu, self.sigma = alphas_cumprod.double(), list(levels), mu, sigma
+
+    def forward(self, x):
+        ab = self.alphas_cumprod[self.levels.pop(0)]
+        eps = (1 - ab).sqrt() * (x.double() - ab.sqrt() * self.mu) / (ab * self.sigma**2 + 1 - ab)
+        return SimpleNamespace(noise_pred=eps.to(x.dtype), level_logits=None)
+
+
+def test_step_between_adjacent_levels_is_ddpm_step():
+    scheduler = ThermalizerScheduler()
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    t = torch.full((4,), 37)
+    ours = scheduler.step_between(eps, t, t - 1, x, generator=torch.Generator().manual_seed(2))
+    ddpm = scheduler.step(eps, 37, x, generator=torch.Generator().manual_seed(2)).prev_sample
+    assert torch.allclose(ours, ddpm, atol=1e-5)
+    with pytest.raises(ValueError, match="prev_timesteps < timesteps"):
+        scheduler.step_between(eps, t, t, x)
+
+
+def test_strided_thermalization_uses_at_most_k_calls_and_is_exact_in_mean():
+    """num_denoising_steps=K: K model calls from level s to s_stop; with the oracle, the mean and the regression slope
+    of x_stop on x_s match the exact DDPM posterior chain's (strided DDPM keeps the conditional mean exact)."""
+    s, s_stop, k = 60, 4, 5
+    scheduler = ThermalizerScheduler(s_init=10, s_stop=s_stop, s_max=200, num_denoising_steps=k)
+    grid = torch.linspace(s, s_stop, k + 1, dtype=torch.float64).round().long().tolist()
+    ab = scheduler.alphas_cumprod.double()
+    n = 64 * 64 * 64
+    gen = torch.Generator().manual_seed(0)
+    x0 = MU + SIGMA * torch.randn(64, 64, 8, 8, generator=gen, dtype=torch.float64)
+    x_s = scheduler.add_noise(x0.float(), torch.randn(x0.shape, generator=gen).float(), torch.full((64,), s)).double()
+    oracle = GridOracle(ab, grid[:-1])
+    out = scheduler.thermalize(oracle, x_s.float(), generator=gen, levels=torch.full((64,), s))
+    assert out.num_model_calls == k and out.fired.all()
+    x_stop = out.sample.double()
+    # exact conditional mean of x_stop given x_s through the chain of Gaussian posteriors: E = a x_s + b
+    a, b = 1.0, 0.0
+    for t, p in zip(grid[:-1], grid[1:]):
+        ab_t, ab_p = ab[t], ab[p]
+        alpha = ab_t / ab_p
+        c = (1 - ab_t).sqrt() / (ab_t * SIGMA**2 + 1 - ab_t)  # eps = c (x - sqrt(ab_t) mu)
+        c0 = ab_p.sqrt() * (1 - alpha) / (1 - ab_t) / ab_t.sqrt()
+        c1 = alpha.sqrt() * (1 - ab_p) / (1 - ab_t)
+        # mean = c0 (x - sqrt(1-ab_t) eps) + c1 x, linear in x
+        slope = c0 * (1 - (1 - ab_t).sqrt() * c) + c1
+        offset = c0 * (1 - ab_t).sqrt() * c * ab_t.sqrt() * MU
+        a, b = slope * a, slope * b + offset
+    predicted = a * x_s + b
+    resid = x_stop - predicted
+    assert abs(resid.mean().item()) < 5 * resid.std().item() / n**0.5
+    # the slope of x_stop on x_s is the chain's: a wrong posterior (e.g. the noise control) is far off
+    fitted = ((x_s - x_s.mean()) * (x_stop - x_stop.mean())).sum() / ((x_s - x_s.mean()) ** 2).sum()
+    assert abs(fitted.item() - a.item()) < 0.02
+    control = scheduler.thermalize(GridOracle(ab, grid[:-1]), x_s.float(), generator=torch.Generator().manual_seed(0),
+                                   levels=torch.full((64,), s), noise_control=True).sample.double()
+    fitted_control = ((x_s - x_s.mean()) * (control - control.mean())).sum() / ((x_s - x_s.mean()) ** 2).sum()
+    assert abs(fitted_control.item() - a.item()) > 0.05
+
+
+def test_strided_with_enough_steps_equals_single_levels():
+    levels = torch.full((3,), 30)
+    x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    single = ThermalizerScheduler().thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels)
+    strided = ThermalizerScheduler(num_denoising_steps=26).thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels)
+    assert strided.num_model_calls == single.num_model_calls == 26
+    assert torch.allclose(strided.sample, single.sample, atol=1e-3)  # float64 vs DDPM float32 arithmetic, 26 steps
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True])
+def test_num_denoising_steps_is_validated(value):
+    with pytest.raises(ValueError, match="num_denoising_steps"):
+        ThermalizerScheduler(num_denoising_steps=value)

@@ -77,7 +77,7 @@ def test_prepared_embeddings_are_codebook_vectors(tiny_run):
         distance = (vectors[:, None, :] - codebook[None]).abs().amax(-1).amin(1)  # exact: no cdist round-off
         assert distance.max() == 0, name
     clean = load_from_disk(str(tiny_run / "embeddings" / "clean_train"))
-    assert len(clean) == 4 * 12  # 4 trajectories x 12 strided frames
+    assert len(clean) == 4 * 24  # 4 trajectories x 24 stored frames
 
 
 def test_evaluation_numbers_are_reproduced_from_the_saved_pipeline(tiny_run):

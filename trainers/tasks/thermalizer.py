@@ -84,7 +84,8 @@ class KolmogorovDataArguments:
                                 num_frames=self.num_frames, seed=self.seed)
 
     def load(self) -> dict:
-        """``{"train": (T, F, S, S), "test": ...}`` float32 vorticity, pooled and strided."""
+        """``{"train": (T, F, S, S), "test": ...}`` float32 vorticity, pooled (every stored frame: one emulator step is
+        ``frame_stride`` of them)."""
         from hf_models.data.kolmogorov import build_kolmogorov_dataset
 
         ds = build_kolmogorov_dataset(self.solver_config(), self.num_train_trajectories, self.num_test_trajectories,
@@ -96,7 +97,7 @@ class KolmogorovDataArguments:
             if factor > 1:
                 t, f = frames.shape[:2]
                 frames = F.avg_pool2d(frames.flatten(0, 1).unsqueeze(1), factor).view(t, f, self.frame_size, self.frame_size)
-            out[split] = frames[:, :: self.frame_stride].contiguous()
+            out[split] = frames.contiguous()
         return out
 
 
@@ -116,6 +117,7 @@ class ThermalizerEvalArguments:
     s_init: Optional[int] = None
     s_stop: Optional[int] = None
     s_max: Optional[int] = None
+    num_denoising_steps: Optional[int] = None
     seed: int = 0
 
     def __post_init__(self):
@@ -224,7 +226,7 @@ class ThermalizerTask(Task):
 
     # -- data ------------------------------------------------------------------------------------
     def frames(self, split: str) -> torch.Tensor:
-        """Physical vorticity ``(trajectories, frames, S, S)`` of a split (pooled, strided)."""
+        """Physical vorticity ``(trajectories, frames, S, S)`` of a split (pooled; every stored frame)."""
         if self._frames is None:
             self._frames = self.data_args.load()
         return self._frames[split]
@@ -351,7 +353,7 @@ class ThermalizerTask(Task):
 
         ev = self.eval_args
         train, test = self.frames("train"), self.frames("test")
-        thresholds = {k: getattr(ev, k) for k in ("s_init", "s_stop", "s_max") if getattr(ev, k) is not None}
+        thresholds = {k: getattr(ev, k) for k in ("s_init", "s_stop", "s_max", "num_denoising_steps") if getattr(ev, k) is not None}
         if thresholds:
             from hf_models.schedulers import ThermalizerScheduler
 
@@ -367,14 +369,15 @@ class ThermalizerTask(Task):
         start = time.perf_counter()
         arms = self.rollouts(pipe)
         rollout_seconds = time.perf_counter() - start
-        num_truth = min(ev.short_term_steps, test.shape[1] - 1)
+        truth_steps = test[:, :: self.data_args.frame_stride]  # the true trajectory at the emulator's steps
+        num_truth = min(ev.short_term_steps, truth_steps.shape[1] - 1)
         reconstructed_truth = pipe.decode_codes(test_codes.view(*test.shape[:2], *test_codes.shape[-2:]))
         results = {
             "num_initial_conditions": ev.num_initial_conditions,
             "rollout_steps": ev.rollout_steps,
             "rollout_seconds": rollout_seconds,
             "frames_per_second": 3 * ev.num_initial_conditions * ev.rollout_steps / rollout_seconds,
-            **{k: pipe.scheduler.config[k] for k in ("s_init", "s_stop", "s_max")},
+            **{k: pipe.scheduler.config[k] for k in ("s_init", "s_stop", "s_max", "num_denoising_steps")},
             "survival_ranges": {k: list(v) for k, v in ranges.items()},
             "survival_ranges_raw_truth": {k: list(statistic_range(flow_statistics(train)[k], ev.range_margin)) for k in ranges},
             "spectrum_distance_vq_reconstruction": spectrum_distance(reconstructed_truth, test),
@@ -388,7 +391,7 @@ class ThermalizerTask(Task):
             late = frames[:, -ev.late_window:]
             late_codes = output.codes[:, -ev.late_window:]
             late_valid = torch.isfinite(late).flatten(1).all(1)
-            corr = short_term_correlation(frames[:, 1: num_truth + 1], test[: ev.num_initial_conditions, 1: num_truth + 1])
+            corr = short_term_correlation(frames[:, 1: num_truth + 1], truth_steps[: ev.num_initial_conditions, 1: num_truth + 1])
             results.update({
                 f"median_survival_{arm}": float(survival.float().median()),
                 f"mean_survival_{arm}": float(survival.float().mean()),
@@ -469,7 +472,7 @@ class ThermalizerTask(Task):
         plt.close(fig)
 
         cols = [s for s in ev.strip_steps if s <= ev.rollout_steps] or [0, ev.rollout_steps]
-        rows = [("truth", test[0])] + [(arm, arms[arm].frames[0]) for arm in ARMS]
+        rows = [("truth", test[0, :: self.data_args.frame_stride])] + [(arm, arms[arm].frames[0]) for arm in ARMS]
         vmax = float(test[0].abs().max())
         fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.6 * len(cols), 1.7 * len(rows)), squeeze=False)
         for r, (name, frames) in enumerate(rows):
@@ -557,8 +560,9 @@ class EmulatorStage(Stage):
         return ["q_proj", "k_proj", "v_proj", "o_proj"]
 
     def _pairs(self, split):
-        codes = self.task.codes(split).flatten(2)  # (T, F, n)
-        return TensorDictDataset(current=codes[:, :-1].flatten(0, 1), target=codes[:, 1:].flatten(0, 1))
+        codes = self.task.codes(split).flatten(2)  # (T, F, n), every stored frame
+        k = self.task.data_args.frame_stride  # a pair starts at every frame: frame_stride times the strided pairs
+        return TensorDictDataset(current=codes[:, :-k].flatten(0, 1), target=codes[:, k:].flatten(0, 1))
 
     def build_datasets(self, accelerator):
         return self._pairs("train"), self._pairs("test")
@@ -596,7 +600,7 @@ class EmulatorStage(Stage):
     def sample_grid(self, model, accelerator):
         """Row 1: true frames 0..7 of a test trajectory (through the tokenizer); row 2: an emulator rollout from frame 0."""
         vq = self.task.vq().to(accelerator.device)
-        codes = self.task.codes("test")[0, :8].to(accelerator.device)
+        codes = self.task.codes("test")[0, :: self.task.data_args.frame_stride][:8].to(accelerator.device)
         side = codes.shape[-1]
         current, rollout = codes[:1].flatten(1), [codes[:1]]
         gen = torch.Generator().manual_seed(0)
