@@ -623,10 +623,13 @@ class ThermalizerStage(Stage):
     def build_model(self):
         from hf_models.thermalizer import ThermalizerConfig, ThermalizerModel
 
-        clean = self._embeddings("train")
         kwargs = dict(self.task.th_kwargs)
-        kwargs["data_mean"] = clean.mean((0, 2, 3)).tolist()
-        kwargs["data_std"] = clean.std((0, 2, 3)).clamp_min(1e-6).tolist()
+        # the embedding statistics come from the trained tokenizer; before it exists (configs checked ahead of
+        # training, e.g. by the LoRA target check) the architecture alone is built
+        if self.task.vq_model is not None or (Path(self.task.output_dir) / "vq_tokenizer" / "config.json").is_file():
+            clean = self._embeddings("train")
+            kwargs["data_mean"] = clean.mean((0, 2, 3)).tolist()
+            kwargs["data_std"] = clean.std((0, 2, 3)).clamp_min(1e-6).tolist()
         self.task.th_config = ThermalizerConfig(**kwargs)
         return ThermalizerModel(self.task.th_config)
 
