@@ -21,3 +21,29 @@ BLOCK_LATENTHEAT = textwrap.dedent(
         pass
     """
 )
+
+
+def train(config, output_dir, *overrides, launcher=None, timeout=900, quiet=True):
+    """Run ``python -m trainers.train CONFIG --training.output_dir OUTPUT_DIR [overrides]`` (or under ``launcher``, e.g.
+    torchrun) from the repository root; a failed run raises with the tail of its output."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = list(launcher or [sys.executable]) + ["-m", "trainers.train", str(config), "--training.output_dir", str(output_dir)]
+    if quiet:
+        cmd += ["--training.disable_progress_bar", "true"]
+    proc = subprocess.run(cmd + list(overrides), cwd=repo, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def train_history(output_dir):
+    """The training rows (those with ``train/loss``) of a run's ``logs/log_history.jsonl``."""
+    import json
+    from pathlib import Path
+
+    rows = [json.loads(line) for line in (Path(output_dir) / "logs" / "log_history.jsonl").read_text().splitlines()]
+    return [r for r in rows if "train/loss" in r]

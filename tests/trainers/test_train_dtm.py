@@ -2,7 +2,6 @@
 persistent chains, Hub round trip."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.helpers import train, train_history
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,16 +19,10 @@ TINY = str(REPO / "configs" / "experiments" / "dtm_binary64_tiny.yaml")
 
 
 def run_train(output_dir, *overrides, config=TINY, launcher=None, timeout=600):
-    cmd = list(launcher or [sys.executable]) + ["-m", "trainers.train", config, "--training.output_dir", str(output_dir), "--training.disable_progress_bar", "true", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return train(config, output_dir, *overrides, launcher=launcher, timeout=timeout)
 
 
-def history(output_dir):
-    rows = [json.loads(line) for line in (Path(output_dir) / "logs" / "log_history.jsonl").read_text().splitlines()]
-    return [r for r in rows if "train/loss" in r]
+history = train_history
 
 
 @pytest.fixture(scope="module")

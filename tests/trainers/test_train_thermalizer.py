@@ -10,23 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import train, train_history
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "experiments" / "thermalizer_kolmogorov_tiny.yaml")
 ARMS = ("emulator", "thermalizer", "noise_control")
 
 
 def run_train(output_dir, *overrides, config=TINY, launcher=None, timeout=900):
-    cmd = list(launcher or [sys.executable]) + ["-m", "trainers.train", config, "--training.output_dir", str(output_dir),
-                                               "--training.disable_progress_bar", "true", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    return train(config, output_dir, *overrides, launcher=launcher, timeout=timeout)
 
 
-def history(output_dir):
-    rows = [json.loads(line) for line in (Path(output_dir) / "logs" / "log_history.jsonl").read_text().splitlines()]
-    return [r for r in rows if "train/loss" in r]
+history = train_history
 
 
 @pytest.fixture(scope="module")
