@@ -144,8 +144,9 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                 classifier decisions and DDPM steps, but the predicted noise is replaced by Gaussian noise, so any gain
                 that is left comes from the perturbation and re-quantization rather than from the learned denoiser.
             temperature (`float`, defaults to 1.0): emulator sampling temperature (0 = argmax).
-            generator (`torch.Generator`, *optional*): the only source of randomness (emulator sampling and DDPM
-                noise).
+            generator (`torch.Generator`, *optional*): the only source of randomness. The emulator samples from it; the
+                DDPM noise of thermalization comes from a second generator seeded from it once at the start, so with
+                the same seed every arm sees the same emulator draws (common random numbers).
             track_levels (`bool`, defaults to `True`): record the classifier's level also when not thermalizing.
             output_type (`str`, defaults to `"pt"`): `"pt"` (torch) or `"np"` (numpy) frames.
             return_dict (`bool`, defaults to `True`): return a [`ThermalizedRolloutOutput`] instead of a tuple.
@@ -164,6 +165,13 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         fired = torch.zeros(batch, num_steps, dtype=torch.bool)
         changes = torch.zeros(batch, num_steps, dtype=torch.long)
         stopped_at = torch.full((batch,), -1, dtype=torch.long)
+        # common random numbers: the emulator draws from `generator`, the DDPM steps from a second generator seeded
+        # from it once, so the arms (emulator alone, thermalizer, noise control) see the same emulator noise and differ
+        # only by what thermalization does to the codes
+        noise_generator = None
+        if generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+            noise_generator = torch.Generator(device=generator.device).manual_seed(seed)
         current = codes0.flatten(1).to(self.emulator.device)
         alive = torch.ones(batch, dtype=torch.bool)
         with self.progress_bar(total=num_steps) as progress_bar:
@@ -179,7 +187,7 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                     level = self.thermalizer.predict_level(sample)
                     levels[rows, step] = level.cpu()
                 if thermalize:
-                    out = self.scheduler.thermalize(self.thermalizer, sample, generator=generator, levels=level,
+                    out = self.scheduler.thermalize(self.thermalizer, sample, generator=noise_generator, levels=level,
                                                     noise_control=noise_control)
                     requantized = self.vq_tokenizer.quantize(
                         self.thermalizer.denormalize(out.sample).to(self.vq_tokenizer.device)

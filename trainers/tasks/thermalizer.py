@@ -387,7 +387,9 @@ class ThermalizerTask(Task):
         for arm, output in arms.items():
             frames = output.frames  # (B, L + 1, S, S)
             stats = flow_statistics(frames[:, 1:])
-            survival = torch.stack([survival_steps(stats[name], *ranges[name], stopped_at=output.stopped_at) for name in ev.survival_statistics]).amin(0)
+            per_statistic = {name: survival_steps(stats[name], *ranges[name], stopped_at=output.stopped_at) for name in ev.survival_statistics}
+            survival = torch.stack(list(per_statistic.values())).amin(0)
+            results.update({f"median_survival_{arm}_{name}": float(v.float().median()) for name, v in per_statistic.items()})
             late = frames[:, -ev.late_window:]
             late_codes = output.codes[:, -ev.late_window:]
             late_valid = torch.isfinite(late).flatten(1).all(1)
