@@ -225,14 +225,27 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
                           generator: Optional[torch.Generator] = None) -> torch.LongTensor:
         """Draw the next frame's codes `(B, n)`: every code independently from its softmax at `temperature`
         (`temperature=0` takes the argmax). Randomness only from `generator`."""
+        return self.sample_from_frame_logits(self.next_frame_logits(codes), temperature, generator)
+
+    @staticmethod
+    def frame_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.FloatTensor:
+        """Softmax of next-frame logits `(B, n, K)` at `temperature` (`0`: one-hot on the argmax)."""
         if not temperature >= 0:
             raise ValueError(f"temperature={temperature!r} is invalid: expected a number >= 0 (0 = argmax)")
-        logits = self.next_frame_logits(codes).float()
+        logits = logits.float()
         if temperature == 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / temperature, dim=-1).flatten(0, 1)
-        draws = torch.multinomial(probs.cpu(), 1, generator=generator).view(codes.shape)
-        return draws.to(codes.device)
+            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.softmax(logits / temperature, dim=-1)
+
+    @staticmethod
+    def sample_from_frame_logits(logits: torch.Tensor, temperature: float = 1.0,
+                                 generator: Optional[torch.Generator] = None) -> torch.LongTensor:
+        """Codes `(B, n)` drawn independently from next-frame logits `(B, n, K)` (see `sample_next_frame`)."""
+        probs = CodeGPTForCausalLM.frame_probabilities(logits, temperature)
+        if temperature == 0:
+            return probs.argmax(-1)
+        draws = torch.multinomial(probs.flatten(0, 1).cpu(), 1, generator=generator).view(logits.shape[:2])
+        return draws.to(logits.device)
 
     def _generate_chunk(self, context, new, temperature, top_k, top_p, guidance_scale, generator, use_cache,
                         callback=None, done=0):

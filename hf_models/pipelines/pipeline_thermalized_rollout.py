@@ -130,6 +130,7 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         temperature: float = 1.0,
         generator: Optional[torch.Generator] = None,
         track_levels: bool = True,
+        thermalizer_input: str = "sampled",
         output_type: str = "pt",
         return_dict: bool = True,
     ):
@@ -148,10 +149,16 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                 DDPM noise of thermalization comes from a second generator seeded from it once at the start, so with
                 the same seed every arm sees the same emulator draws (common random numbers).
             track_levels (`bool`, defaults to `True`): record the classifier's level also when not thermalizing.
+            thermalizer_input (`str`, defaults to `"sampled"`): what the thermalizer sees: `"sampled"`, the codebook
+                vectors of the sampled codes (the original system's embedding lookup), or `"expected"`, the emulator's
+                expected embedding `sum_k p_k e_k` per position (its uncertainty shows as a blend off the codebook).
+                Either way an unfired step keeps the sampled codes.
             output_type (`str`, defaults to `"pt"`): `"pt"` (torch) or `"np"` (numpy) frames.
             return_dict (`bool`, defaults to `True`): return a [`ThermalizedRolloutOutput`] instead of a tuple.
         """
         check_output_type(output_type, allowed=("pt", "np"))
+        if thermalizer_input not in ("sampled", "expected"):
+            raise ValueError(f"thermalizer_input={thermalizer_input!r} is invalid; allowed: 'sampled', 'expected'")
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps={num_steps!r} is invalid: expected an int >= 1")
         if noise_control and not thermalize:
@@ -180,10 +187,18 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                 if len(rows) == 0:
                     progress_bar.update(num_steps - step)
                     break
-                new = self.emulator.sample_next_frame(current[rows], temperature=temperature, generator=generator)
+                logits = self.emulator.next_frame_logits(current[rows])
+                new = self.emulator.sample_from_frame_logits(logits, temperature, generator)
                 if thermalize or track_levels:
                     therm_device = self.thermalizer.device
-                    sample = self.thermalizer.normalize(self.vq_tokenizer.embed(new.view(-1, h, w)).to(therm_device))
+                    if thermalizer_input == "expected":
+                        probs = self.emulator.frame_probabilities(logits, temperature)  # (b, n, K)
+                        codebook = self.vq_tokenizer.embed(torch.arange(probs.shape[-1], device=self.vq_tokenizer.device).view(1, 1, -1))
+                        expected = probs.to(codebook) @ codebook[0, :, 0].T  # (b, n, D)
+                        embedded = expected.transpose(1, 2).reshape(len(rows), -1, h, w)
+                    else:
+                        embedded = self.vq_tokenizer.embed(new.view(-1, h, w))
+                    sample = self.thermalizer.normalize(embedded.to(therm_device))
                     level = self.thermalizer.predict_level(sample)
                     levels[rows, step] = level.cpu()
                 if thermalize:

@@ -359,3 +359,27 @@ def test_save_and_load_round_trip(tmp_path):
     b = loaded(x, num_steps=3, generator=gen(5))
     assert bool(a.fired.all()) and torch.equal(a.fired, b.fired)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.frames, b.frames)
+
+
+def test_expected_embedding_input():
+    """thermalizer_input="expected": the classifier sees sum_k p_k e_k. At temperature 0 (one-hot probabilities) that is
+    the sampled code's vector, so everything equals the default; at temperature 1 the levels are the classifier's on
+    the hand-computed expected embedding, and the sampled codes (unfired steps) are the same draws as by default."""
+    pipe = small_pipe()
+    x = frames(3, seed=11)
+    a = pipe(x, num_steps=3, temperature=0.0, generator=gen(2))
+    b = pipe(x, num_steps=3, temperature=0.0, generator=gen(2), thermalizer_input="expected")
+    for name in ("codes", "levels", "fired", "requantized_changes", "stopped_at"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    out = pipe(x, num_steps=1, thermalize=False, generator=gen(2), thermalizer_input="expected")
+    default = pipe(x, num_steps=1, thermalize=False, generator=gen(2))
+    assert torch.equal(out.codes, default.codes)
+    vq, therm = pipe.vq_tokenizer, pipe.thermalizer
+    with torch.no_grad():
+        probs = torch.softmax(pipe.emulator.next_frame_logits(vq.encode(x[:, None]).flatten(1)).float(), -1)  # (3, 16, K)
+        codebook = vq.quantizer.lookup(torch.arange(probs.shape[-1]))  # (K, D)
+        expected = (probs @ codebook).transpose(1, 2).reshape(3, -1, 4, 4)
+        levels = therm.predict_level(therm.normalize(expected))
+    assert torch.equal(out.levels[:, 0], levels)
+    with pytest.raises(ValueError, match="thermalizer_input"):
+        pipe(x, num_steps=1, thermalizer_input="soft")

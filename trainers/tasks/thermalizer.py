@@ -118,6 +118,7 @@ class ThermalizerEvalArguments:
     s_stop: Optional[int] = None
     s_max: Optional[int] = None
     num_denoising_steps: Optional[int] = None
+    thermalizer_input: str = "sampled"  # or "expected": the emulator's expected embedding (see the pipeline)
     seed: int = 0
 
     def __post_init__(self):
@@ -130,6 +131,8 @@ class ThermalizerEvalArguments:
         bad = sorted(set(self.survival_statistics) - {"enstrophy", "energy"})
         if bad or not self.survival_statistics:
             raise ConfigError(f"evaluation.survival_statistics={self.survival_statistics} is invalid; allowed: a non-empty subset of enstrophy, energy")
+        if self.thermalizer_input not in ("sampled", "expected"):
+            raise ConfigError(f"evaluation.thermalizer_input={self.thermalizer_input!r} is invalid; allowed: sampled, expected")
         if self.range_margin < 0:
             raise ConfigError(f"evaluation.range_margin={self.range_margin} must be >= 0")
 
@@ -321,7 +324,8 @@ class ThermalizerTask(Task):
         arms = {}
         for arm in ARMS:
             arms[arm] = pipe(initial, num_steps=ev.rollout_steps, thermalize=arm != "emulator", noise_control=arm == "noise_control",
-                             temperature=ev.temperature, generator=torch.Generator().manual_seed(ev.seed), output_type="pt")
+                             temperature=ev.temperature, generator=torch.Generator().manual_seed(ev.seed), output_type="pt",
+                             thermalizer_input=ev.thermalizer_input)
         return arms
 
     @torch.no_grad()
@@ -378,6 +382,7 @@ class ThermalizerTask(Task):
             "rollout_seconds": rollout_seconds,
             "frames_per_second": 3 * ev.num_initial_conditions * ev.rollout_steps / rollout_seconds,
             **{k: pipe.scheduler.config[k] for k in ("s_init", "s_stop", "s_max", "num_denoising_steps")},
+            "thermalizer_input": ev.thermalizer_input,
             "survival_ranges": {k: list(v) for k, v in ranges.items()},
             "survival_ranges_raw_truth": {k: list(statistic_range(flow_statistics(train)[k], ev.range_margin)) for k in ranges},
             "spectrum_distance_vq_reconstruction": spectrum_distance(reconstructed_truth, test),
