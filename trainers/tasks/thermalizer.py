@@ -16,6 +16,7 @@ replaced by Gaussian noise). See ``ThermalizerTask.evaluate_pipeline`` for the m
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -234,8 +235,9 @@ class ThermalizerTask(Task):
             self._frames = self.data_args.load()
         return self._frames[split]
 
-    @property
+    @functools.cached_property
     def frame_scale(self) -> float:
+        """The standard deviation of the training vorticity: frames are divided by it for the tokenizer."""
         return float(self.frames("train").std())
 
     def vq(self):
