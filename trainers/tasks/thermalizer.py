@@ -455,7 +455,7 @@ class ThermalizerTask(Task):
         fig, ax = plt.subplots(figsize=(7, 4))
         for arm, c in curves.items():
             ens = c["stats"]["enstrophy"]
-            ax.plot(steps[1:], ens.nanmedian(0).values if hasattr(ens.nanmedian(0), "values") else ens.nanmedian(0), color=colours[arm], label=f"{arm.replace('_', ' ')} (median)")
+            ax.plot(steps[1:], ens.nanmedian(0).values, color=colours[arm], label=f"{arm.replace('_', ' ')} (median)")
         if "enstrophy" in ranges:
             ax.axhspan(*ranges["enstrophy"], color="tab:green", alpha=0.15, label="survival range (truth)")
         ax.set(xlabel="emulator step", ylabel="enstrophy", yscale="log", title="Enstrophy along the rollouts")
@@ -538,7 +538,8 @@ class FrameVQStage(VQTokenizerStage):
 
     @torch.no_grad()
     def sample_grid(self, model, accelerator):
-        pixels = self._pixels("test")[:: max(1, len(self._pixels("test")) // 16)][:16].to(accelerator.device)
+        pixels = self._pixels("test")
+        pixels = pixels[:: max(1, len(pixels) // 16)][:16].to(accelerator.device)
         recon = model(pixel_values=pixels).reconstruction
         return _vorticity_grid(torch.cat([pixels, recon]), nrow=len(pixels))
 
