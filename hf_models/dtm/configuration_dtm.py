@@ -63,6 +63,17 @@ class DTMConfig(PretrainedConfig):
             How training draws `t`: `"per_sample"` (uniform per image) or `"per_batch"` (one uniform `t` for the
             whole batch: the couplings are then shared by all chains and the PCD sweeps run one sparse matmul per
             colour, several times faster and without `(chains, edges)` temporaries at seed size).
+        field_network_channels (`int`, *optional*, defaults to 0):
+            Width of the conditional field network (0 = none, the original's pure Ising steps). When set, a small
+            convolutional network reads the whole noisier sample `x^{(t)}` (and the step) and adds a learned external
+            field `g_t(x^{(t)})` on every visible spin of step `t`'s Ising model. The energy stays a block-sparse
+            Ising model in `x^{(t-1)}` sampled by the same Gibbs sweeps (the network runs once per reverse step, not
+            per sweep); it gives each step the global view of `x^{(t)}` that local couplings lack.
+        field_network_dilations (`list[int]`, *optional*, defaults to `[1, 2, 4, 8, 1]`):
+            One residual block (two 3x3 convolutions at half resolution) per entry, with that dilation; the
+            receptive field is about `8 * sum(dilations)` pixels wide.
+        field_network_x0_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the field network's `x_0` cross-entropy in the loss.
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the initial couplings (biases and the learned `x_t` terms start at 0, so an
             untrained model is the exact posterior of a pixel-independent uniform prior).
@@ -90,6 +101,9 @@ class DTMConfig(PretrainedConfig):
         dsm_weight=1.0,
         dsm_loss="pseudo_likelihood",
         timestep_sampling="per_sample",
+        field_network_channels=0,
+        field_network_dilations=(1, 2, 4, 8, 1),
+        field_network_x0_weight=1.0,
         initializer_range=0.02,
         **kwargs,
     ):
@@ -104,6 +118,7 @@ class DTMConfig(PretrainedConfig):
             ("sweeps_per_step", sweeps_per_step, 1),
             ("num_fantasy_chains", num_fantasy_chains, 1),
             ("pcd_k", pcd_k, 1),
+            ("field_network_channels", field_network_channels, 0),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise ValueError(f"{name}={value!r} is invalid: expected an int >= {minimum}")
@@ -128,8 +143,18 @@ class DTMConfig(PretrainedConfig):
             raise ValueError(f"log_grid_min_time={log_grid_min_time!r} is invalid: expected 0 < value < 1")
         if not (isinstance(dsm_weight, (int, float)) and dsm_weight >= 0):
             raise ValueError(f"dsm_weight={dsm_weight!r} is invalid: expected a number >= 0")
+        if not (isinstance(field_network_x0_weight, (int, float)) and field_network_x0_weight >= 0):
+            raise ValueError(f"field_network_x0_weight={field_network_x0_weight!r} is invalid: expected a number >= 0")
         if not (isinstance(initializer_range, (int, float)) and initializer_range >= 0):
             raise ValueError(f"initializer_range={initializer_range!r} is invalid: expected a number >= 0")
+        if (
+            not isinstance(field_network_dilations, (list, tuple))
+            or not field_network_dilations
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in field_network_dilations)
+        ):
+            raise ValueError(
+                f"field_network_dilations={field_network_dilations!r} is invalid: expected a non-empty list of ints >= 1"
+            )
         skip_connections = self._check_skips(skip_connections, window, image_size)
         if isinstance(skip_connections, int) and skip_connections:
             longest = ((skip_connections - 1) // 4 + 1) * block_size  # offsets (0, d), (d, 0), (d, d), (d, -d)
@@ -158,6 +183,9 @@ class DTMConfig(PretrainedConfig):
         self.dsm_weight = float(dsm_weight)
         self.dsm_loss = dsm_loss
         self.timestep_sampling = timestep_sampling
+        self.field_network_channels = field_network_channels
+        self.field_network_dilations = list(field_network_dilations)
+        self.field_network_x0_weight = float(field_network_x0_weight)
         self.initializer_range = float(initializer_range)
         super().__init__(**kwargs)
 

@@ -314,9 +314,10 @@ class DTMStepParameters:
         fields (`torch.FloatTensor` of shape `(batch, num_sites)`): external field on every site: the bias plus, on
             visible sites, `(J_t + learned_t) * x_t` (the coupling to the noisier sample).
         timestep (`int`, *optional*): the step these parameters belong to; `DTMScheduler.step` checks it.
-        bias (`(num_sites,)`), condition_coupling (`(N_v,)`), condition (`(batch, N_v)`), *optional*: the same
-            fields split as `bias + pad(condition_coupling * condition)` (for a shared timestep); the thrml backend
-            clamps `condition` as spins instead of taking per-chain fields.
+        bias (`(num_sites,)`, or `(batch, num_sites)` for a model with a field network), condition_coupling
+            (`(N_v,)`), condition (`(batch, N_v)`), *optional*: the same fields split as
+            `bias + pad(condition_coupling * condition)` (for a shared timestep); the thrml backend clamps `condition`
+            as spins instead of taking per-chain fields.
     """
 
     graph: IsingGraph
@@ -420,7 +421,8 @@ def thrml_gibbs_sweeps(
     `bias + pad(condition_coupling * condition)` (what `DTMModel.step_parameters` provides).
 
     Args:
-        state (`(B, num_sites)`): initial spins. couplings (`(E,)`): shared couplings. bias (`(num_sites,)`).
+        state (`(B, num_sites)`): initial spins. couplings (`(E,)`): shared couplings. bias (`(num_sites,)`, or
+            `(B, num_sites)` per chain: then each chain's program is built with its own biases inside the `vmap`).
         condition_coupling (`(N_v,)`), condition (`(B, N_v)`): the coupling to `x_t` and `x_t` itself.
         generator (`torch.Generator`, *optional*): seeds the JAX key (one int drawn from it).
 
@@ -440,7 +442,9 @@ def thrml_gibbs_sweeps(
         raise ValueError("the thrml backend takes shared couplings (E,), not per-chain couplings")
     B = state.shape[0]
     to_np = lambda t: t.detach().to("cpu", torch.float32).numpy()  # noqa: E731
-    sampler = _thrml_sampler(graph, B, num_sweeps)
+    if bias.ndim not in (1, 2) or bias.shape[-1] != graph.num_sites or (bias.ndim == 2 and bias.shape[0] != B):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}: expected ({graph.num_sites},) or ({B}, {graph.num_sites})")
+    sampler = _thrml_sampler(graph, B, num_sweeps, per_chain_bias=bias.ndim == 2)
     weights = np.concatenate([to_np(couplings), to_np(condition_coupling)])
     spins = state.detach().cpu() > 0
     init = [jnp.asarray(spins[:, sites.cpu()].numpy()) for sites in graph.color_sites]  # (B, n_c) bools
@@ -455,7 +459,7 @@ _THRML_CACHE: "dict" = {}
 _THRML_CACHE_SIZE = 8
 
 
-def _thrml_sampler(graph: "IsingGraph", batch: int, num_sweeps: int):
+def _thrml_sampler(graph: "IsingGraph", batch: int, num_sweeps: int, per_chain_bias: bool = False):
     """A jitted, vmapped thrml sampler for `graph` taking `(keys, init, clamp, bias, weights)`: the weights are traced
     inputs, so the program is built and compiled once per (graph, batch, sweeps) and reused for every reverse step
     (building it costs seconds on the seed-size graph; compiling, up to a minute)."""
@@ -464,7 +468,7 @@ def _thrml_sampler(graph: "IsingGraph", batch: int, num_sweeps: int):
     import thrml
     from thrml.models import IsingEBM, IsingSamplingProgram
 
-    key = (id(graph), batch, num_sweeps)
+    key = (id(graph), batch, num_sweeps, per_chain_bias)
     hit = _THRML_CACHE.get(key)
     if hit is not None and hit[0] is graph:  # the graph is kept alive by the cache, so its id is not reused
         return hit[1]
@@ -478,9 +482,19 @@ def _thrml_sampler(graph: "IsingGraph", batch: int, num_sweeps: int):
     schedule = thrml.SamplingSchedule(n_warmup=num_sweeps, n_samples=1, steps_per_sample=1)
     out_block = thrml.Block(nodes)
 
+    def program_for(bias, weights):
+        return IsingSamplingProgram(IsingEBM(nodes, edges, bias, weights, jnp.array(1.0)), free_blocks, clamped)
+
     @jax.jit
     def sample(keys, init, clamp, bias, weights):
-        program = IsingSamplingProgram(IsingEBM(nodes, edges, bias, weights, jnp.array(1.0)), free_blocks, clamped)
+        if per_chain_bias:  # (B, N): one program per chain
+
+            def run_own(key, init_state, clamp_state, chain_bias):
+                program = program_for(chain_bias, weights)
+                return thrml.sample_states(key, program, schedule, init_state, clamp_state, [out_block])[0][-1]
+
+            return jax.vmap(run_own)(keys, init, clamp, bias)
+        program = program_for(bias, weights)
 
         def run(key, init_state, clamp_state):
             return thrml.sample_states(key, program, schedule, init_state, clamp_state, [out_block])[0][-1]

@@ -8,13 +8,25 @@ Step `t` (0-based, diffusers convention: level `t` is `x_0` after `t + 1` flip s
 
 with `Gamma_t = 1/2 ln((1 - p_t) / p_t)` fixed by the forward process (the exact log-likelihood of one flip step,
 so an untrained model is the posterior under a uniform prior) and a learned per-site correction `g_t`. Latent spins,
-if any, are summed out exactly in the free energy `F_t(x^{(t-1)} | x^{(t)})`.
+if any, are summed out exactly in the free energy `F_t(x^{(t-1)} | x^{(t)})`. With `field_network_channels > 0`, a
+small dilated convolutional network adds a field `n_t(x^{(t)})_i s_i` on every visible spin: still an Ising energy in
+`x^{(t-1)}`, but its biases see all of `x^{(t)}`. The network predicts the clean bits, `P(x_0 = +1 | x^{(t)}) =
+sigmoid(l)`, and the field is what the forward process makes of that prediction (the bit-flip posterior of
+`x^{(t-1)}` given a factorised `x_0`, as in D3PM's x_0-parameterisation):
+
+    n_t = 1/2 ln[(pi (1 - c) + (1 - pi) c) / (pi c + (1 - pi) (1 - c))],   pi = sigmoid(l),  c = cumulative flip
+                                                                            probability of level t - 1 (0 at t = 0),
+
+trained by the pseudo-likelihood and contrastive terms like every other parameter plus a cross-entropy of `l`
+against `x_0` (a signal at every noise level, where the per-step likelihood of a high-noise step carries almost none).
 
 Self-contained (torch + transformers + this folder) so `register_for_auto_class` can ship it as remote code.
 """
 
 from dataclasses import dataclass
 from typing import Optional, Union
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +61,9 @@ class DTMOutput(ModelOutput):
     dsm_loss (`torch.FloatTensor` of shape `()`):
         Binary denoising score matching per visible spin (pseudo-likelihood or ratio matching of `x^{(t-1)}` given
         its neighbours and `x^{(t)}`).
+    x0_loss (`torch.FloatTensor` of shape `()`, *optional*):
+        With a field network: binary cross-entropy of its `x_0` prediction per visible spin (in the loss with weight
+        `field_network_x0_weight`).
     positive_free_energy (`torch.FloatTensor` of shape `(batch,)`):
         `F_t(x^{(t-1)} | x^{(t)})` of the training pairs.
     negative_free_energy (`torch.FloatTensor` of shape `(num_fantasy_chains,)`):
@@ -64,6 +79,7 @@ class DTMOutput(ModelOutput):
     loss: Optional[torch.FloatTensor] = None
     cd_loss: Optional[torch.FloatTensor] = None
     dsm_loss: Optional[torch.FloatTensor] = None
+    x0_loss: Optional[torch.FloatTensor] = None
     positive_free_energy: Optional[torch.FloatTensor] = None
     negative_free_energy: Optional[torch.FloatTensor] = None
     timesteps: Optional[torch.LongTensor] = None
@@ -74,6 +90,54 @@ class DTMOutput(ModelOutput):
 def _log_2cosh(x):
     """`log(2 cosh x)`, stable for large `|x|`."""
     return x.abs() + F.softplus(-2.0 * x.abs())
+
+
+class DTMFieldBlock(nn.Module):
+    """Pre-norm residual block: GroupNorm, SiLU, dilated 3x3 conv, twice."""
+
+    def __init__(self, channels: int, dilation: int):
+        super().__init__()
+        groups = math.gcd(channels, 8)
+        self.norm1 = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation)
+        self.norm2 = nn.GroupNorm(groups, channels, eps=1e-6)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation)
+
+    def forward(self, hidden_states):
+        residual = hidden_states
+        hidden_states = self.conv1(F.silu(self.norm1(hidden_states)))
+        hidden_states = self.conv2(F.silu(self.norm2(hidden_states)))
+        return hidden_states + residual
+
+
+class DTMFieldNetwork(nn.Module):
+    """`x^{(t)}` `(B, C, H, W)` and the step `t` -> logits of the clean bits `P(x_0 = +1 | x^{(t)})` `(B, C, H, W)`.
+
+    A 3x3 conv in at full resolution, a stride-2 3x3 conv down to half resolution, a learned per-step embedding
+    added to every pixel, dilated residual blocks at half resolution, a nearest upsample added to the full-resolution
+    features, and a zero-initialised 3x3 conv out (so an untrained model keeps the fields of the pure Ising model).
+    """
+
+    def __init__(self, config: DTMConfig):
+        super().__init__()
+        C, W = config.num_channels, config.field_network_channels
+        self.conv_in = nn.Conv2d(C, W, 3, padding=1)
+        self.conv_down = nn.Conv2d(W, W, 3, stride=2, padding=1)
+        self.step_embedding = nn.Embedding(config.num_train_timesteps, W)
+        self.blocks = nn.ModuleList([DTMFieldBlock(W, d) for d in config.field_network_dilations])
+        self.norm_out = nn.GroupNorm(math.gcd(W, 8), W, eps=1e-6)
+        self.conv_out = nn.Conv2d(W, C, 3, padding=1)
+        self.conv_out._dtm_zero_init = True
+
+    def forward(self, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        full = self.conv_in(x_t)
+        hidden_states = self.conv_down(F.silu(full))
+        step = self.step_embedding(timestep.reshape(-1))  # (1, W) or (B, W)
+        hidden_states = hidden_states + step[:, :, None, None]
+        for block in self.blocks:
+            hidden_states = block(hidden_states)
+        hidden_states = F.interpolate(hidden_states, size=full.shape[-2:], mode="nearest") + full
+        return self.conv_out(F.silu(self.norm_out(hidden_states)))
 
 
 class DTMPreTrainedModel(PreTrainedModel):
@@ -98,6 +162,18 @@ class DTMPreTrainedModel(PreTrainedModel):
             init.zeros_(module.xt_couplings)
             chains = torch.randint(0, 2, module.fantasy_chains.shape, device=module.fantasy_chains.device)
             init.copy_(module.fantasy_chains, chains.to(module.fantasy_chains.dtype) * 2 - 1)
+        elif isinstance(module, nn.Conv2d):
+            if getattr(module, "_dtm_zero_init", False):
+                init.zeros_(module.weight)
+            else:
+                init.kaiming_uniform_(module.weight, a=math.sqrt(5))  # torch's default conv init
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, nn.GroupNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
 
 
 class DTMModel(DTMPreTrainedModel):
@@ -139,6 +215,7 @@ class DTMModel(DTMPreTrainedModel):
         self.couplings = nn.Parameter(torch.empty(T, self._edges.shape[0]))
         self.biases = nn.Parameter(torch.empty(T, self.num_sites))
         self.xt_couplings = nn.Parameter(torch.empty(T, self.num_visible))
+        self.field_network = DTMFieldNetwork(config) if config.field_network_channels else None
         self.register_buffer("fantasy_chains", torch.empty(config.num_fantasy_chains, C, S, S), persistent=True)
         step_probs, cumulative_probs = bitflip_schedule(
             T, config.bitflip_rate, config.time_grid, config.log_grid_min_time
@@ -146,6 +223,8 @@ class DTMModel(DTMPreTrainedModel):
         self._step_probs = step_probs  # float64 CPU, (T,)
         self._cumulative_probs = cumulative_probs
         self._xt_base = 0.5 * torch.log((1 - step_probs) / step_probs)  # Gamma_t, (T,)
+        # flip probability x_0 -> x^{(t-1)} for each step t (0 at t = 0), for the field network's posterior
+        self._prev_cumulative_probs = torch.cat([cumulative_probs.new_zeros(1), cumulative_probs[:-1]])
         self.post_init()
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -183,8 +262,27 @@ class DTMModel(DTMPreTrainedModel):
         if x.ndim != 4 or tuple(x.shape[1:]) != tuple(self.config.image_shape):
             raise ValueError(f"{name} has shape {tuple(x.shape)}: expected (batch, *{tuple(self.config.image_shape)})")
 
-    def _step_tensors(self, x_t: torch.Tensor, timestep):
-        """Couplings `(E,)` (int timestep) or `(B, E)` (per-sample timesteps) and external fields `(B, N)`."""
+    def _network_field(self, x0_logits: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The field on `x^{(t-1)}` implied by `P(x_0 = +1) = sigmoid(x0_logits)` through the bit-flip process."""
+        c = self._prev_cumulative_probs[t.cpu()].to(device=x0_logits.device, dtype=x0_logits.dtype)
+        c = c.reshape(-1, *([1] * (x0_logits.ndim - 1))) if c.ndim else c
+        log_c, log_1mc = torch.log(c), torch.log1p(-c)  # log 0 = -inf is handled by logaddexp (t = 0: field = l / 2)
+        log_pi, log_1mpi = F.logsigmoid(x0_logits), F.logsigmoid(-x0_logits)
+        up = torch.logaddexp(log_pi + log_1mc, log_1mpi + log_c)
+        down = torch.logaddexp(log_pi + log_c, log_1mpi + log_1mc)
+        return 0.5 * (up - down)
+
+    def predict_x0(self, x_t: torch.Tensor, timestep) -> torch.Tensor:
+        """The field network's `P(x_0 = +1 | x^{(t)})` `(B, C, H, W)` (a model with `field_network_channels > 0`)."""
+        if self.field_network is None:
+            raise ValueError("predict_x0 needs a model with a field network (config.field_network_channels > 0)")
+        self._check_spins("x_t", x_t)
+        t = torch.as_tensor(timestep, device=self.couplings.device, dtype=torch.long)
+        return torch.sigmoid(self.field_network(x_t.to(self.couplings.dtype), t))
+
+    def _step_tensors(self, x_t: torch.Tensor, timestep, return_x0_logits: bool = False):
+        """Couplings `(E,)` (int timestep) or `(B, E)` (per-sample timesteps) and external fields `(B, N)` (and the
+        field network's `x_0` logits, `None` without one, when `return_x0_logits`)."""
         self._check_spins("x_t", x_t)
         B, device = x_t.shape[0], self.couplings.device
         t = torch.as_tensor(timestep, device=device, dtype=torch.long)
@@ -196,8 +294,15 @@ class DTMModel(DTMPreTrainedModel):
         base = self.xt_coupling_base(t.cpu()).to(device=device, dtype=self.xt_couplings.dtype)
         xt_coef = self.xt_couplings[t] + base.unsqueeze(-1)  # (N_v,) or (B, N_v)
         visible_field = xt_coef * x_t.reshape(B, -1).to(xt_coef.dtype)  # (B, N_v)
+        x0_logits = None
+        if self.field_network is not None:
+            x0_logits = self.field_network(x_t.to(self.couplings.dtype), t)
+            network_field = self._network_field(x0_logits, t)
+            visible_field = visible_field + network_field.reshape(B, -1).to(visible_field.dtype)
         fields = self.biases[t].expand(B, -1)  # (B, N)
         fields = fields + F.pad(visible_field, (0, self.num_sites - self.num_visible))
+        if return_x0_logits:
+            return couplings, fields, x0_logits
         return couplings, fields
 
     def _state(self, x_prev: torch.Tensor, latents: Optional[torch.Tensor]):
@@ -267,8 +372,14 @@ class DTMModel(DTMPreTrainedModel):
         t = torch.as_tensor(timestep)
         split = {}
         if t.ndim == 0:  # shared step: also give the fields as bias + coupling * x_t (the thrml backend clamps x_t)
+            bias = self.biases[int(t)]
+            if self.field_network is not None:  # per-sample biases: bias + the network's field, (B, N)
+                condition_field = (self.xt_couplings[int(t)] + self.xt_coupling_base(int(t))) * x_t.reshape(
+                    x_t.shape[0], -1
+                )
+                bias = fields - F.pad(condition_field, (0, self.num_sites - self.num_visible))
             split = dict(
-                bias=self.biases[int(t)].detach(),
+                bias=bias.detach(),
                 condition_coupling=(self.xt_couplings[int(t)] + self.xt_coupling_base(int(t))).detach(),
                 condition=x_t.reshape(x_t.shape[0], -1).detach(),
             )
@@ -303,7 +414,8 @@ class DTMModel(DTMPreTrainedModel):
         3. Negative phase: each fantasy chain takes the condition `(x^{(t)}, t)` of a random batch element, runs
            `pcd_k` Gibbs sweeps from its stored state (PCD) or from that element's `x^{(t-1)}` (CD), and is stored
            back in training mode.
-        4. `loss = (mean F_pos - mean F_neg) / N_v + dsm_weight * dsm`.
+        4. `loss = (mean F_pos - mean F_neg) / N_v + dsm_weight * dsm` (`+ field_network_x0_weight * x0_loss` with a
+           field network).
         """
         config = self.config
         self._check_spins("pixel_values", pixel_values)
@@ -324,7 +436,7 @@ class DTMModel(DTMPreTrainedModel):
         graph = self.graph(device)
         # one timestep for the whole batch: shared couplings (E,), and the sweeps use one sparse matmul per colour
         same_t = bool((t == t[0]).all())
-        couplings, fields = self._step_tensors(x_t, t[0] if same_t else t)  # (E,) or (B, E); (B, N)
+        couplings, fields, x0_logits = self._step_tensors(x_t, t[0] if same_t else t, return_x0_logits=True)
         v_pos = self._state(x_prev, None)
         positive = self._free_energy(v_pos, couplings, fields, graph)
 
@@ -350,11 +462,16 @@ class DTMModel(DTMPreTrainedModel):
         else:
             dsm_loss = torch.sigmoid(-gap).pow(2).mean()  # ratio matching: p(flipped x_i | rest)^2
         loss = cd_loss + config.dsm_weight * dsm_loss
+        x0_loss = None
+        if x0_logits is not None:
+            x0_loss = F.binary_cross_entropy_with_logits(x0_logits, (x0 > 0).to(x0_logits.dtype))
+            loss = loss + config.field_network_x0_weight * x0_loss
 
         output = DTMOutput(
             loss=loss,
             cd_loss=cd_loss,
             dsm_loss=dsm_loss,
+            x0_loss=x0_loss,
             positive_free_energy=positive,
             negative_free_energy=negative,
             timesteps=t,

@@ -212,6 +212,36 @@ def test_thrml_backend_agrees_with_torch_on_a_bigger_graph():
     assert z_wrong_sign.max() > z_max, (z_wrong_sign.max().item(), z_max)
 
 
+def test_thrml_backend_takes_per_chain_biases():
+    """A model with a field network gives each chain its own biases `(B, N)`: the thrml backend builds one program
+    per chain inside its `vmap`. On a 2 x 6 x 6 graph with a latent per block, the means and edge correlations of the
+    two backends agree within the same Bonferroni z bound; shuffling the biases across chains breaks the agreement."""
+    graph = build_lattice_graph(2, 6, window=1, block_size=3, skip_connections=[[0, 3]], latents_per_block=1)
+    J, _ = random_ising(graph, seed=7, coupling_scale=0.3)
+    coupling, _ = thrml_condition(graph, seed=8)
+    n, sweeps = 3000, 20
+    gen = torch.Generator().manual_seed(9)
+    condition = torch.randint(0, 2, (n, graph.num_visible), generator=gen).float() * 2 - 1
+    bias = torch.randn(n, graph.num_sites, generator=gen) * 0.8  # per chain
+    init = torch.randint(0, 2, (n, graph.num_sites), generator=gen).float() * 2 - 1
+    fields = condition_fields(graph, bias, coupling, condition)
+    i, j = graph.edges[:, 0], graph.edges[:, 1]
+    # per-chain biases make each chain's own mean differ: compare s * sign(bias) (its mean is shared only if the
+    # per-chain biases were used) and the edge correlations
+    stats = lambda s: torch.cat([s * bias.sign(), s[:, i] * s[:, j]], dim=1)  # noqa: E731
+    K = graph.num_sites + graph.num_edges
+    z_max = -torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1e-4 / (2 * K), dtype=torch.float64)).item()
+    thrml_stats = stats(thrml_gibbs_sweeps(init, J, bias, coupling, condition, graph, sweeps, generator=gen))
+    torch_stats = stats(gibbs_sweeps(init, J, fields, graph, sweeps, generator=gen))
+    z = two_sample_z(thrml_stats, torch_stats)
+    assert z.max() < z_max, (z.max().item(), z_max)
+    shuffled = condition_fields(graph, bias[torch.randperm(n, generator=gen)], coupling, condition)
+    z_wrong = two_sample_z(thrml_stats, stats(gibbs_sweeps(init, J, shuffled, graph, sweeps, generator=gen)))
+    assert z_wrong.max() > z_max, (z_wrong.max().item(), z_max)
+    with pytest.raises(ValueError, match="bias has shape"):
+        thrml_gibbs_sweeps(init, J, bias[:5], coupling, condition, graph, sweeps, generator=gen)
+
+
 def test_thrml_backend_needs_the_extra(tmp_path):
     """Without thrml (its import blocked in a subprocess, whether or not it is installed here) the backend raises an
     ImportError naming the extra."""
@@ -479,6 +509,7 @@ def exact_conditional_nll(model, x_prev, x_t, t):
         dict(dsm_weight=1.0, dsm_loss="pseudo_likelihood"),
         dict(dsm_weight=1.0, dsm_loss="ratio_matching", num_latent_spins=1),
         dict(dsm_weight=0.5, timestep_sampling="per_batch", num_latent_spins=1),  # shared-coupling fast path
+        dict(dsm_weight=1.0, field_network_channels=8, field_network_dilations=[1]),  # conditional field network
     ],
 )
 def test_training_lowers_the_exact_conditional_nll(overrides):
@@ -591,6 +622,11 @@ def test_input_validation(method, args, match):
         ("dsm_weight", -1.0),
         ("dsm_loss", "mse"),
         ("timestep_sampling", "per_epoch"),
+        ("field_network_channels", -1),
+        ("field_network_channels", 1.5),
+        ("field_network_dilations", [1, 0]),
+        ("field_network_dilations", []),
+        ("field_network_x0_weight", -0.1),
     ],
 )
 def test_config_validation(field, value):
@@ -681,3 +717,103 @@ def test_autocast_and_bf16_weights(timestep_sampling):
     bf16 = model.to(torch.bfloat16)
     out = bf16(x, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss.float()) and bf16.fantasy_chains.dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# conditional field network
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def field_model(seed=0, randomize_network=True, **overrides):
+    """The tester's tiny model with a field network; its zero-initialised output conv randomised on request."""
+    model = tester.get_model(seed=seed, field_network_channels=8, field_network_dilations=[1, 2], **overrides)
+    if randomize_network:
+        with torch.no_grad():
+            model.field_network.conv_out.weight.normal_(0, 0.5)
+            model.field_network.conv_out.bias.normal_(0, 0.5)
+    return model
+
+
+def test_untrained_field_network_leaves_the_ising_fields():
+    """The output conv starts at zero: the model's fields equal those of the same model without a network."""
+    with_net = field_model(randomize_network=False)
+    plain = tester.get_model()
+    plain.load_state_dict({k: v for k, v in with_net.state_dict().items() if not k.startswith("field_network.")})
+    x_t, x_prev = tester.get_spins((4, 1, 4, 4), seed=1), tester.get_spins((4, 1, 4, 4), seed=2)
+    for t in range(3):
+        assert torch.allclose(with_net.local_fields(x_prev, x_t, t), plain.local_fields(x_prev, x_t, t), atol=1e-6)
+    assert torch.equal(with_net.predict_x0(x_t, 1), torch.full_like(x_t, 0.5))
+
+
+@pytest.mark.parametrize("t", [0, 1, 2])
+def test_field_network_gives_the_bit_flip_posterior_of_its_x0_prediction(t):
+    """The network's field on `x^{(t-1)}` is the exact log-odds (halved) of `x^{(t-1)}_i = +1` when `x_0` is drawn
+    from the predicted `Bernoulli(pi)` and flipped with the cumulative probability `c` of level `t - 1`, computed
+    here by summing over `x_0` in {-1, +1}; at `t = 0` (`c = 0`) it is `logit(pi) / 2`."""
+    model = field_model(seed=3, bitflip_rate=1.0)  # a slow process, so level t - 1 still remembers x_0
+    x_t = tester.get_spins((5, 1, 4, 4), seed=4)
+    plain = tester.get_model(randomize=False, bitflip_rate=1.0)  # same couplings, biases and x_t terms, no network
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("field_network.")})
+    x_prev = tester.get_spins((5, 1, 4, 4), seed=5)
+    network_field = model.local_fields(x_prev, x_t, t) - plain.local_fields(x_prev, x_t, t)
+    pi = model.predict_x0(x_t, t).double()
+    c = 0.0 if t == 0 else model._cumulative_probs[t - 1].item()
+    p_up = pi * (1 - c) + (1 - pi) * c  # sum over x_0 of P(x_0) q(x_{t-1} = +1 | x_0)
+    expected = 0.5 * torch.log(p_up / (1 - p_up))
+    assert torch.allclose(network_field.double(), expected, atol=1e-5)
+    if t == 0:
+        assert torch.allclose(network_field.double(), 0.5 * torch.logit(pi), atol=1e-5)
+    assert network_field.abs().max() > 0.05  # the randomised network moves the fields
+
+
+def test_field_network_step_parameters_split_and_per_sample_bias():
+    """With a network the thrml split has per-sample biases `(B, N)` and still sums to the fields."""
+    model = field_model(num_latent_spins=1)
+    x_t = tester.get_spins((6, 1, 4, 4), seed=6)
+    params = model.step_parameters(x_t, 1)
+    assert params.bias.shape == (6, model.num_sites)
+    pad = torch.zeros(6, model.num_sites - model.num_visible)
+    rebuilt = params.bias + torch.cat([params.condition_coupling * params.condition, pad], dim=1)
+    assert torch.allclose(rebuilt, params.fields, atol=1e-6)
+    assert not torch.allclose(params.bias[0], params.bias[1])  # the network sees each sample's x_t
+
+
+def test_field_network_loss_trains_the_x0_prediction():
+    """The loss has the x_0 cross-entropy (weighted) and a few Adam steps on bars and stripes lower it on held data."""
+    torch.manual_seed(0)
+    model = DTMModel(tester.get_config(
+        image_size=3, block_size=3, window=1, skip_connections=0, num_train_timesteps=2, bitflip_rate=1.0,
+        field_network_channels=8, field_network_dilations=[1], field_network_x0_weight=2.0,
+    ))
+    data = bars_and_stripes(3)
+    gen = torch.Generator().manual_seed(0)
+    held = data[torch.randint(0, len(data), (64,), generator=gen)]
+    t_held = torch.zeros(64, dtype=torch.long)  # 20 % of the bits flipped: x_0 is recoverable from the pattern
+
+    def held_x0_loss():
+        with torch.no_grad():
+            return model(held, timesteps=t_held, generator=torch.Generator().manual_seed(1)).x0_loss.item()
+
+    out = model(held, timesteps=t_held, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(out.loss, out.cd_loss + out.dsm_loss + 2.0 * out.x0_loss)
+    before = held_x0_loss()
+    assert abs(before - math.log(2)) < 1e-6  # untrained: P(x_0 = +1) = 1/2 everywhere
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
+    for _ in range(100):
+        optimizer.zero_grad()
+        model(data[torch.randint(0, len(data), (32,), generator=gen)], generator=gen).loss.backward()
+        optimizer.step()
+    assert held_x0_loss() < before - 0.1, (before, held_x0_loss())
+    assert tester.get_model()(tester.get_spins((8, 1, 4, 4))).x0_loss is None  # no network, no x_0 term
+
+
+def test_field_network_save_load_and_predict_x0_errors(tmp_path):
+    model = field_model()
+    model.save_pretrained(tmp_path)
+    loaded = DTMModel.from_pretrained(tmp_path)
+    assert loaded.config.field_network_channels == 8 and loaded.config.field_network_dilations == [1, 2]
+    x_t = tester.get_spins((3, 1, 4, 4), seed=7)
+    assert torch.equal(loaded.predict_x0(x_t, 2), model.predict_x0(x_t, 2))
+    assert torch.equal(loaded.step_parameters(x_t, 2).fields, model.step_parameters(x_t, 2).fields)
+    with pytest.raises(ValueError, match="field network"):
+        tester.get_model().predict_x0(x_t, 1)

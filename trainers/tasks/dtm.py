@@ -369,6 +369,8 @@ class DTMStage(Stage):
         _share_fantasy_chains(model)
         out = model(pixel_values=batch["pixel_values"], generator=generator)
         logs = {"cd_loss": out.cd_loss.item(), "dsm_loss": out.dsm_loss.item()}
+        if out.x0_loss is not None:
+            logs["x0_loss"] = out.x0_loss.item()
         return StepOutput(loss=out.loss, logs=logs, num_items=batch["pixel_values"].shape[0])
 
     @torch.no_grad()
@@ -376,15 +378,21 @@ class DTMStage(Stage):
         """Denoising score-matching loss (pseudo-likelihood per spin) of test pairs at seeded timesteps and flips."""
         unwrapped = accelerator.unwrap_model(model)
         gen = torch.Generator().manual_seed(self.task.eval_args.seed + accelerator.process_index)
-        total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
+        has_x0 = unwrapped.field_network is not None
+        total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)  # dsm, x0 (sums over images)
         count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
         for batch in dataloader:
             out = unwrapped(pixel_values=batch["pixel_values"], generator=gen)
             n = batch["pixel_values"].shape[0]
-            total += out.dsm_loss.double() * n
+            total[0] += out.dsm_loss.double() * n
+            if has_x0:
+                total[1] += out.x0_loss.double() * n
             count += n
         total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
-        return {"dsm_loss": (total / count.clamp(min=1)).item()}
+        metrics = {"dsm_loss": (total[0] / count.clamp(min=1)).item()}
+        if has_x0:
+            metrics["x0_loss"] = (total[1] / count.clamp(min=1)).item()
+        return metrics
 
     @torch.no_grad()
     def sample_grid(self, model, accelerator):
