@@ -107,8 +107,8 @@ def apply_lora(stage: "Stage", model: torch.nn.Module, peft_args: PeftArguments)
         hint = ""
         if "top-level module" in str(err):
             hint = (
-                f" {type(model).__name__} keeps its weights as nn.Parameters of the model itself (no Linear/Conv "
-                f"layers to adapt) and peft {peft.__version__} cannot put LoRA on parameters of the top-level module, "
+                f" {type(model).__name__} keeps its energy tables as nn.Parameters of the model itself (no Linear "
+                f"or Conv layer holds them) and peft {peft.__version__} cannot put LoRA on parameters of the top-level module, "
                 f"so stage {stage.name} cannot be LoRA-tuned; train it without peft (peft.enabled=false)."
             )
         else:

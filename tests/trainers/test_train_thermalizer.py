@@ -50,6 +50,8 @@ def test_tiny_run_writes_pipeline_data_plots_metrics_and_card(tiny_run):
     stages = {r.get("stage") for r in rows}
     assert {"vq_tokenizer", "emulator", "thermalizer"} <= stages, stages
     assert any("train/noise_loss" in r and "train/level_loss" in r for r in rows)
+    # the classifier's reading of codebook substitutions is measured (the tiny config trains with them)
+    assert any("thermalizer/eval/level_substituted_10pct_mean" in r or "eval/level_substituted_10pct_mean" in r for r in rows)
     card = (out / "README.md").read_text()
     assert "ThermalizedRolloutPipeline" in card and "median_survival_thermalizer" in card and "model-index" in card
     assert "in parallel in one" in card  # says how the emulator predicts a frame
@@ -218,3 +220,66 @@ def test_lora_on_every_stage_from_the_tiny_run(tiny_run, tmp_path):
         a, m, b = adapted(sample=x), merged(sample=x), base(sample=x)
     assert torch.allclose(a.noise_pred, m.noise_pred, atol=1e-5) and torch.allclose(a.level_logits, m.level_logits, atol=1e-5)
     assert (m.level_logits - b.level_logits).abs().max() > 1e-6  # the adapter changed the model
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# codebook-substitution corruption of the thermalizer's training grids
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_substitution_rate_matches_the_noise_to_signal_ratio():
+    from trainers.tasks.thermalizer import substitution_rate
+
+    abar = torch.tensor([1.0, 0.99, 0.8, 2 / 3, 0.5, 0.01])
+    expected = torch.tensor([0.0, 0.01 / 1.98, 0.2 / 1.6, 0.25, 0.5, 1.0])
+    assert torch.allclose(substitution_rate(abar), expected)
+
+
+def test_substitute_codes_replaces_positions_by_codebook_rows_at_the_rate():
+    from trainers.tasks.thermalizer import substitute_codes
+
+    gen = torch.Generator().manual_seed(0)
+    codebook = torch.randn(32, 4, generator=gen)
+    x0 = torch.randn(400, 4, 8, 8, generator=gen)
+    rate = torch.linspace(0, 1, 400)
+    out, mask = substitute_codes(x0, codebook, rate, gen)
+    assert mask.shape == (400, 1, 8, 8)
+    assert torch.equal(out[~mask.expand_as(out)], x0[~mask.expand_as(x0)])  # untouched positions keep x0
+    replaced = out.permute(0, 2, 3, 1)[mask.squeeze(1)]  # (n, 4)
+    assert (replaced[:, None] - codebook[None]).abs().amax(-1).min(1).values.max() == 0  # every replacement is a codebook row
+    per_grid = mask.float().mean((1, 2, 3))
+    assert per_grid[0] == 0 and per_grid[-1] == 1
+    # empirical rate against the asked one: 64 positions per grid, 400 grids
+    assert abs(per_grid.mean().item() - 0.5) < 0.02
+    assert torch.corrcoef(torch.stack([per_grid, rate]))[0, 1] > 0.95
+
+
+def test_corruption_target_explains_the_grid_as_a_level_t_sample():
+    """With substitutions, `noisy = sqrt(abar) x0 + sqrt(1 - abar) target` holds exactly (the DDPM x_0 estimate from
+    the true target is the clean grid), and the target differs from the Gaussian noise drawn with the same seed
+    exactly at the substituted positions, at about `substitution_rate(t)` of them; with share 0 the corruption is
+    diffusers' add_noise with that Gaussian noise."""
+    from types import SimpleNamespace
+
+    from hf_models.schedulers import ThermalizerScheduler
+    from trainers.tasks.thermalizer import ThermalizerStage, substitution_rate
+
+    scheduler = ThermalizerScheduler(num_train_timesteps=50, s_max=40)
+    gen = torch.Generator().manual_seed(1)
+    codebook = torch.randn(16, 3, generator=gen)
+    stage = ThermalizerStage.__new__(ThermalizerStage)
+    stage.task = SimpleNamespace(scheduler=scheduler, data_args=SimpleNamespace(codebook_substitution=1.0))
+    stage.normalized_codebook = lambda inner: codebook
+    x0 = codebook[torch.randint(0, 16, (2000, 4, 4), generator=gen)].permute(0, 3, 1, 2)  # clean codebook grids
+    noisy, target, t = stage.corrupt(None, x0, torch.Generator().manual_seed(2))
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(noisy, abar.sqrt() * x0 + (1 - abar).sqrt() * target, atol=1e-4)
+
+    noisy0, noise, t0 = stage.corrupt(None, x0, torch.Generator().manual_seed(2), substitution=0.0)
+    assert torch.equal(t0, t)
+    assert torch.allclose(noisy0, scheduler.add_noise(x0, noise, t))
+    changed = (target - noise).abs().amax(1) > 1e-4  # (B, h, w): positions whose code was replaced (by another)
+    expected = substitution_rate(scheduler.alphas_cumprod[t]) * 15 / 16  # a draw of the same code changes nothing
+    observed = changed.float().mean((1, 2))
+    assert abs(observed.mean() - expected.mean()) < 0.02, (observed.mean(), expected.mean())
+    assert observed[t < 5].mean() < 0.05 and observed[t > 45].mean() > 0.5

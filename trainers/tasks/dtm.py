@@ -359,7 +359,7 @@ class DTMStage(Stage):
         return DTMModel.from_pretrained(directory)
 
     def peft_target_parameters(self):
-        # no Linear/Conv layers: the energies are raw parameters (peft refuses top-level ones, see peft_utils)
+        # the energies are raw parameters, not Linear/Conv layers (peft refuses top-level ones, see peft_utils)
         return ["couplings", "biases", "xt_couplings"]
 
     def build_datasets(self, accelerator):

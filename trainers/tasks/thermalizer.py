@@ -61,10 +61,15 @@ class KolmogorovDataArguments:
     drift_rollout_steps: int = 200
     drift_trajectories: int = 16  # rolled out from the first training initial conditions
     drift_temperature: float = 1.0
+    # share of the thermalizer's training grids corrupted by codebook substitutions as well as Gaussian noise (see
+    # ``substitute_codes``): drift that stays on the codebook then registers as a noise level
+    codebook_substitution: float = 0.0
 
     def __post_init__(self):
         if self.drift_rollout_steps < 1 or self.drift_trajectories < 1:
             raise ConfigError("data.drift_rollout_steps and data.drift_trajectories must be >= 1")
+        if not 0.0 <= self.codebook_substitution <= 1.0:
+            raise ConfigError(f"data.codebook_substitution={self.codebook_substitution} must lie in [0, 1]")
         if self.frame_size < 4 or self.grid_size % self.frame_size:
             raise ConfigError(f"data.frame_size={self.frame_size} must be >= 4 and divide data.grid_size={self.grid_size}")
         if self.frame_stride < 1 or self.num_frames < 2 * self.frame_stride:
@@ -148,6 +153,26 @@ class TensorDictDataset(Dataset):
 
     def __getitem__(self, i):
         return {**{k: v[i] for k, v in self.tensors.items()}, "index": i}
+
+
+def substitution_rate(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Share of positions replaced by random codebook vectors at each level: ``(1 - abar) / (2 abar)``, capped at 1.
+
+    With unit-variance (normalized) embeddings a substitution changes a position by a squared distance of about 2 per
+    channel, so this rate gives the substitutions the same expected squared error relative to the signal as the
+    level's Gaussian noise, ``(1 - abar) / abar``: a level-``t`` grid carries as much substitution error as noise."""
+    return ((1 - alphas_cumprod) / (2 * alphas_cumprod)).clamp(max=1.0)
+
+
+def substitute_codes(x0, codebook_embeddings, rate, generator):
+    """Replace each position of the normalized grids ``x0`` ``(B, D, h, w)`` by a uniformly drawn row of
+    ``codebook_embeddings`` ``(K, D)`` (normalized the same way) with probability ``rate`` ``(B,)``; returns the
+    corrupted grids and the boolean mask ``(B, 1, h, w)`` of replaced positions."""
+    B, D, h, w = x0.shape
+    codes = torch.randint(0, codebook_embeddings.shape[0], (B, h, w), generator=generator).to(x0.device)
+    replacement = codebook_embeddings[codes].permute(0, 3, 1, 2).to(x0.dtype)
+    mask = torch.rand(B, 1, h, w, generator=generator).to(x0.device) < rate.view(B, 1, 1, 1).to(x0.device)
+    return torch.where(mask, replacement, x0), mask
 
 
 def _weights_key(*folders: Path) -> str:
@@ -708,13 +733,40 @@ class ThermalizerStage(Stage):
             out.append(TensorDictDataset(embedding=emb))
         return out[0], out[1]
 
+    def normalized_codebook(self, inner) -> torch.Tensor:
+        """Every codebook vector ``(K, D)``, normalized with the thermalizer's embedding statistics."""
+        vq = self.task.vq()
+        K = vq.config.codebook_size
+        vectors = vq.embed(torch.arange(K).view(1, K, 1)).to(inner.device)  # (1, D, K, 1)
+        mean, std = inner._statistics(vectors)  # per channel, as in normalize (which wants a grid shape)
+        if mean is not None:
+            vectors = vectors - mean
+        if std is not None:
+            vectors = vectors / std
+        return vectors[0, :, :, 0].t().detach()
+
+    def corrupt(self, inner, x0, generator, substitution: Optional[float] = None):
+        """``(noisy, noise target, t)``: Gaussian noise at a uniform level ``t``; on a share ``codebook_substitution``
+        of the grids, codebook substitutions at ``substitution_rate(t)`` first, with the noise target then the
+        noise that explains the corrupted grid as a level-``t`` sample of the clean one, ``(x_t - sqrt(abar) x0) /
+        sqrt(1 - abar)`` (so the denoiser learns to undo the substitutions too)."""
+        sched = self.task.scheduler
+        share = self.task.data_args.codebook_substitution if substitution is None else substitution
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+        if share <= 0:
+            return sched.add_noise(x0, noise, t), noise, t
+        abar = sched.alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1)
+        picked = (torch.rand(len(x0), generator=generator) < share).to(x0.device)
+        rate = substitution_rate(abar.flatten()) * picked
+        source, _ = substitute_codes(x0, self.normalized_codebook(inner), rate, generator)
+        noisy = abar.sqrt() * source + (1 - abar).sqrt() * noise
+        return noisy, (noisy - abar.sqrt() * x0) / (1 - abar).sqrt(), t
+
     def compute_loss(self, model, batch, generator):
         inner = getattr(model, "module", model)
         x0 = inner.normalize(batch["embedding"])
-        steps = self.task.scheduler.config.num_train_timesteps
-        t = torch.randint(0, steps, (len(x0),), generator=generator).to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
-        noisy = self.task.scheduler.add_noise(x0, noise, t)
+        noisy, noise, t = self.corrupt(inner, x0, generator)
         out = model(sample=noisy, noise=noise, timesteps=t)
         return StepOutput(loss=out.loss, logs={"noise_loss": out.noise_loss.item(), "level_loss": out.level_loss.item()},
                           num_items=len(x0))
@@ -722,14 +774,17 @@ class ThermalizerStage(Stage):
     @torch.no_grad()
     def evaluate(self, model, dataloader, accelerator):
         """Test noise MSE and level CE at seeded levels; the classifier's mean |level error|; and its mean predicted
-        level on clean test embeddings against drifted ones (early and late in the emulator-only rollouts)."""
+        level on clean test embeddings, on the same with 10 % of the positions replaced by random codebook vectors
+        (does it see drift that stays on the codebook?), and on drifted ones (early and late in the emulator-only
+        rollouts)."""
         from datasets import load_from_disk
 
         inner = accelerator.unwrap_model(model)
         gen = torch.Generator().manual_seed(self.task.eval_args.seed + accelerator.process_index)
         steps = self.task.scheduler.config.num_train_timesteps
         sums = torch.zeros(4, device=accelerator.device, dtype=torch.float64)  # noise, level, |level err|, count
-        clean_levels = []
+        clean_levels, substituted_levels = [], []
+        codebook = self.normalized_codebook(inner)
         for batch in dataloader:
             x0 = inner.normalize(batch["embedding"])
             t = torch.randint(0, steps, (len(x0),), generator=gen).to(x0.device)
@@ -738,9 +793,12 @@ class ThermalizerStage(Stage):
             err = (out.level_logits.argmax(-1) - t).abs().double().sum()
             sums += torch.stack([out.noise_loss.double() * len(x0), out.level_loss.double() * len(x0), err, torch.tensor(float(len(x0)), dtype=torch.float64)])
             clean_levels.append(inner.predict_level(x0).double())
+            substituted, _ = substitute_codes(x0, codebook, torch.full((len(x0),), 0.1), gen)
+            substituted_levels.append(inner.predict_level(substituted).double())
         sums = accelerator.reduce(sums, "sum")
         metrics = {"noise_mse": (sums[0] / sums[3]).item(), "level_ce": (sums[1] / sums[3]).item(), "level_mae": (sums[2] / sums[3]).item(),
-                   "level_clean_mean": float(torch.cat(clean_levels).mean())}
+                   "level_clean_mean": float(torch.cat(clean_levels).mean()),
+                   "level_substituted_10pct_mean": float(torch.cat(substituted_levels).mean())}
         drifted = load_from_disk(str(Path(self.task.output_dir) / "embeddings" / "drifted")).with_format("torch")[:]
         last = int(drifted["step"].max())
         for name, mask in (("early", drifted["step"] <= max(1, last // 10)), ("late", drifted["step"] > last - max(1, last // 10))):
