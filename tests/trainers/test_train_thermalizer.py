@@ -270,7 +270,8 @@ def test_corruption_target_explains_the_grid_as_a_level_t_sample():
     gen = torch.Generator().manual_seed(1)
     codebook = torch.randn(16, 3, generator=gen)
     stage = ThermalizerStage.__new__(ThermalizerStage)
-    stage.task = SimpleNamespace(scheduler=scheduler, data_args=SimpleNamespace(codebook_substitution=1.0))
+    args = SimpleNamespace(codebook_substitution=1.0, codebook_substitution_noise=True)
+    stage.task = SimpleNamespace(scheduler=scheduler, data_args=args)
     stage.normalized_codebook = lambda inner: codebook
     x0 = codebook[torch.randint(0, 16, (2000, 4, 4), generator=gen)].permute(0, 3, 1, 2)  # clean codebook grids
     noisy, target, t = stage.corrupt(None, x0, torch.Generator().manual_seed(2))
@@ -285,3 +286,12 @@ def test_corruption_target_explains_the_grid_as_a_level_t_sample():
     observed = changed.float().mean((1, 2))
     assert abs(observed.mean() - expected.mean()) < 0.02, (observed.mean(), expected.mean())
     assert observed[t < 5].mean() < 0.05 and observed[t > 45].mean() > 0.5
+
+    # substitutions alone: the grid is the scaled substituted one, and the target still explains it exactly
+    args.codebook_substitution_noise = False
+    noisy_s, target_s, t_s = stage.corrupt(None, x0, torch.Generator().manual_seed(2))
+    assert torch.equal(t_s, t)
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    assert torch.allclose(noisy_s, abar.sqrt() * x0 + (1 - abar).sqrt() * target_s, atol=1e-4)
+    kept = ~changed.unsqueeze(1).expand_as(x0)  # the same substitutions are drawn: untouched positions are x0 scaled
+    assert torch.allclose(noisy_s[kept], (abar.sqrt() * x0).expand_as(x0)[kept], atol=1e-6)

@@ -64,6 +64,8 @@ class KolmogorovDataArguments:
     # share of the thermalizer's training grids corrupted by codebook substitutions as well as Gaussian noise (see
     # ``substitute_codes``): drift that stays on the codebook then registers as a noise level
     codebook_substitution: float = 0.0
+    codebook_substitution_noise: bool = True  # false: substituted grids get no Gaussian noise (the level is read
+    # from the substitutions alone)
 
     def __post_init__(self):
         if self.drift_rollout_steps < 1 or self.drift_trajectories < 1:
@@ -747,9 +749,11 @@ class ThermalizerStage(Stage):
 
     def corrupt(self, inner, x0, generator, substitution: Optional[float] = None):
         """``(noisy, noise target, t)``: Gaussian noise at a uniform level ``t``; on a share ``codebook_substitution``
-        of the grids, codebook substitutions at ``substitution_rate(t)`` first, with the noise target then the
-        noise that explains the corrupted grid as a level-``t`` sample of the clean one, ``(x_t - sqrt(abar) x0) /
-        sqrt(1 - abar)`` (so the denoiser learns to undo the substitutions too)."""
+        of the grids, codebook substitutions at ``substitution_rate(t)`` first (followed by the level's Gaussian
+        noise unless ``codebook_substitution_noise`` is false, when the substituted grid is scaled by
+        ``sqrt(abar)`` only), with the noise target then the noise that explains the corrupted grid as a level-``t``
+        sample of the clean one, ``(x_t - sqrt(abar) x0) / sqrt(1 - abar)`` (so the denoiser learns to undo the
+        substitutions too)."""
         sched = self.task.scheduler
         share = self.task.data_args.codebook_substitution if substitution is None else substitution
         t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
@@ -761,6 +765,8 @@ class ThermalizerStage(Stage):
         rate = substitution_rate(abar.flatten()) * picked
         source, _ = substitute_codes(x0, self.normalized_codebook(inner), rate, generator)
         noisy = abar.sqrt() * source + (1 - abar).sqrt() * noise
+        if not self.task.data_args.codebook_substitution_noise:
+            noisy = torch.where(picked.view(-1, 1, 1, 1), abar.sqrt() * source, noisy)
         return noisy, (noisy - abar.sqrt() * x0) / (1 - abar).sqrt(), t
 
     def compute_loss(self, model, batch, generator):
