@@ -65,8 +65,9 @@ class DTMConfig(PretrainedConfig):
             colour, several times faster and without `(chains, edges)` temporaries at seed size).
         field_network_channels (`int`, *optional*, defaults to 0):
             Width of the conditional field network (0 = none, the original's pure Ising steps). When set, a small
-            convolutional network reads the whole noisier sample `x^{(t)}` (and the step) and adds a learned external
-            field `g_t(x^{(t)})` on every visible spin of step `t`'s Ising model. The energy stays a block-sparse
+            convolutional network reads the whole noisier sample `x^{(t)}` (and the step), predicts the clean bits,
+            and adds the bit-flip posterior field of that prediction on every visible spin of step `t`'s Ising
+            model (see `DTMModel`). The energy stays a block-sparse
             Ising model in `x^{(t-1)}` sampled by the same Gibbs sweeps (the network runs once per reverse step, not
             per sweep); it gives each step the global view of `x^{(t)}` that local couplings lack.
         field_network_dilations (`list[int]`, *optional*, defaults to `[1, 2, 4, 8, 1]`):

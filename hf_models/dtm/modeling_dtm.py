@@ -23,10 +23,9 @@ against `x_0` (a signal at every noise level, where the per-step likelihood of a
 Self-contained (torch + transformers + this folder) so `register_for_auto_class` can ship it as remote code.
 """
 
+import math
 from dataclasses import dataclass
 from typing import Optional, Union
-
-import math
 
 import torch
 import torch.nn.functional as F
@@ -372,17 +371,12 @@ class DTMModel(DTMPreTrainedModel):
         t = torch.as_tensor(timestep)
         split = {}
         if t.ndim == 0:  # shared step: also give the fields as bias + coupling * x_t (the thrml backend clamps x_t)
+            coupling = self.xt_couplings[int(t)] + self.xt_coupling_base(int(t))
+            condition = x_t.reshape(x_t.shape[0], -1)
             bias = self.biases[int(t)]
             if self.field_network is not None:  # per-sample biases: bias + the network's field, (B, N)
-                condition_field = (self.xt_couplings[int(t)] + self.xt_coupling_base(int(t))) * x_t.reshape(
-                    x_t.shape[0], -1
-                )
-                bias = fields - F.pad(condition_field, (0, self.num_sites - self.num_visible))
-            split = dict(
-                bias=bias.detach(),
-                condition_coupling=(self.xt_couplings[int(t)] + self.xt_coupling_base(int(t))).detach(),
-                condition=x_t.reshape(x_t.shape[0], -1).detach(),
-            )
+                bias = fields - F.pad(coupling * condition, (0, self.num_sites - self.num_visible))
+            split = dict(bias=bias.detach(), condition_coupling=coupling.detach(), condition=condition.detach())
         return DTMStepParameters(
             graph=self.graph(self.couplings.device),
             couplings=couplings.detach(),
