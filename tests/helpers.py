@@ -47,3 +47,22 @@ def train_history(output_dir):
 
     rows = [json.loads(line) for line in (Path(output_dir) / "logs" / "log_history.jsonl").read_text().splitlines()]
     return [r for r in rows if "train/loss" in r]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for rendezvous and master ports)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env() -> dict:
+    """The environment for launched training processes: the repository on PYTHONPATH, one OpenMP thread each."""
+    import os
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])
+    pythonpath = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}

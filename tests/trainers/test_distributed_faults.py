@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import free_port, subprocess_env
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "experiments" / "dtm_mnist_tiny.yaml")
 COMMON = ["--training.disable_progress_bar", "true", "--training.num_threads", "1", "--evaluation.num_samples", "16"]
@@ -26,15 +27,6 @@ COMMON = ["--training.disable_progress_bar", "true", "--training.num_threads", "
 pytestmark = pytest.mark.distributed
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
 
 
 def _train_cmd(out, *overrides):
@@ -51,13 +43,13 @@ def test_two_nodes_rendezvous_on_localhost(tmp_path):
     """`torchrun --nnodes 2` twice (one process per "node") with a c10d rendezvous: both nodes train on disjoint
     shards, node 0 writes the pipeline."""
     out = tmp_path / "nodes"
-    port = _free_port()
+    port = free_port()
     procs = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "latentheat-test",
                *_train_cmd(out, "--training.record_data_indices", "true", "--training.logging_steps", "1")]
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = [p.communicate(timeout=600) for p in procs]
     for p, (stdout, stderr) in zip(procs, results):
         assert p.returncode == 0, stderr[-6000:]
@@ -75,12 +67,12 @@ def test_sigkill_of_a_rank_then_resume_matches_an_uninterrupted_run(tmp_path):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 
     straight = tmp_path / "straight"
-    proc = subprocess.run([*launcher, "--master_port", str(_free_port()), *_train_cmd(straight, *steps)], cwd=REPO, env=_env(),
+    proc = subprocess.run([*launcher, "--master_port", str(free_port()), *_train_cmd(straight, *steps)], cwd=REPO, env=subprocess_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen([*launcher, "--master_port", str(_free_port()), *_train_cmd(crashed, *steps)], cwd=REPO, env=_env(),
+    proc = subprocess.Popen([*launcher, "--master_port", str(free_port()), *_train_cmd(crashed, *steps)], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = crashed / "logs" / "log_history.jsonl"
     deadline = time.time() + 300
@@ -97,9 +89,9 @@ def test_sigkill_of_a_rank_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert not (crashed / "checkpoints" / "dtm" / "stage_complete.json").exists()
 
     # resume: a checkpoint half-written at the moment of the kill is skipped because we ask for it
-    proc = subprocess.run([*launcher, "--master_port", str(_free_port()),
+    proc = subprocess.run([*launcher, "--master_port", str(free_port()),
                            *_train_cmd(crashed, *steps, "--training.resume_from_checkpoint", "latest", "--training.skip_corrupt_checkpoints", "true")],
-                          cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     resumed_from = [line for line in proc.stderr.splitlines() if "resumed from" in line]
     assert resumed_from, proc.stderr[-3000:]

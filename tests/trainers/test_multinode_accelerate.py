@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import train_history
+from tests.helpers import free_port, subprocess_env, train_history
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "accelerate" / "multi_node.yaml"
@@ -27,15 +26,6 @@ TIMEOUT = 600  # seconds for the whole two-machine run; a stuck rendezvous or co
 pytestmark = pytest.mark.distributed
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env():
-    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    return {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
 
 
 def _launch(machine_rank, port, out):
@@ -44,7 +34,7 @@ def _launch(machine_rank, port, out):
            "-m", "trainers.train", TINY, "--training.output_dir", str(out), *COMMON,
            "--training.record_data_indices", "true", "--training.logging_steps", "1"]
     # own process group: on a timeout the launcher and its worker are killed together
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    return subprocess.Popen(cmd, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
 
@@ -61,7 +51,7 @@ def test_two_machines_accelerate_launch_on_localhost(tmp_path):
     """Both launches exit 0, each machine runs one rank of a world of two, the ranks train on disjoint shards, and
     machine 0 writes the pipeline with the final weights (trained past the step-5 checkpoint)."""
     out = tmp_path / "machines"
-    port = _free_port()
+    port = free_port()
     procs = [_launch(rank, port, out) for rank in (0, 1)]
     results = []
     try:
