@@ -736,7 +736,11 @@ class ThermalizerStage(Stage):
         return out[0], out[1]
 
     def normalized_codebook(self, inner) -> torch.Tensor:
-        """Every codebook vector ``(K, D)``, normalized with the thermalizer's embedding statistics."""
+        """Every codebook vector ``(K, D)``, normalized with the thermalizer's embedding statistics (computed once:
+        the tokenizer and the statistics are fixed while the thermalizer trains)."""
+        cached = getattr(self, "_normalized_codebook", None)
+        if cached is not None and cached.device == inner.device:
+            return cached
         vq = self.task.vq()
         K = vq.config.codebook_size
         vectors = vq.embed(torch.arange(K).view(1, K, 1)).to(inner.device)  # (1, D, K, 1)
@@ -745,7 +749,8 @@ class ThermalizerStage(Stage):
             vectors = vectors - mean
         if std is not None:
             vectors = vectors / std
-        return vectors[0, :, :, 0].t().detach()
+        self._normalized_codebook = vectors[0, :, :, 0].t().detach()
+        return self._normalized_codebook
 
     def corrupt(self, inner, x0, generator, substitution: Optional[float] = None):
         """``(noisy, noise target, t)``: Gaussian noise at a uniform level ``t``; on a share ``codebook_substitution``
