@@ -112,7 +112,11 @@ def test_evaluation_numbers_are_reproduced_from_the_saved_pipeline(tiny_run):
 def test_bad_thermalizer_config_fails_before_training(tmp_path):
     for override, words in ((["--model.scheduler.s_stop", "5"], ["s_stop", "s_init"]),
                             (["--model.thermalizer.in_channels", "5"], ["in_channels", "tokenizer"]),
-                            (["--evaluation.num_initial_conditions", "9"], ["num_initial_conditions", "num_test_trajectories"])):
+                            (["--evaluation.num_initial_conditions", "9"], ["num_initial_conditions", "num_test_trajectories"]),
+                            (["--evaluation.initial_split", "valid"], ["initial_split", "test, train"]),
+                            (["--evaluation.initial_split", "train", "--evaluation.num_initial_conditions", "9"],
+                             ["num_initial_conditions", "num_train_trajectories"]),
+                            (["--evaluation.initial_frame", "1000"], ["initial_frame", "num_frames"])):
         out = tmp_path / "bad"
         proc = subprocess.run([sys.executable, "-m", "trainers.train", TINY, "--training.output_dir", str(out), *override],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
@@ -160,6 +164,16 @@ def test_evaluate_cli_reevaluates_with_another_rollout_length(tiny_run):
     results = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert results["rollout_steps"] == 12 and results["evaluation/rollout_steps"] == 12
     assert all(0 <= results[f"median_survival_{arm}"] <= 12 for arm in ARMS)
+    assert results["initial_split"] == "test" and results["initial_frame"] == 0
+
+    # the tuning split: rollouts from training trajectories at a later frame, compared with their own truth
+    proc = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(tiny_run), "--evaluation.rollout_steps", "12",
+                           "--evaluation.late_window", "4", "--evaluation.initial_split", "train",
+                           "--evaluation.initial_frame", "6"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    tuned = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert tuned["initial_split"] == "train" and tuned["initial_frame"] == 6
+    assert tuned["short_term_correlation_emulator"] != results["short_term_correlation_emulator"]
 
 
 @pytest.mark.distributed
@@ -270,7 +284,7 @@ def test_corruption_target_explains_the_grid_as_a_level_t_sample():
     gen = torch.Generator().manual_seed(1)
     codebook = torch.randn(16, 3, generator=gen)
     stage = ThermalizerStage.__new__(ThermalizerStage)
-    args = SimpleNamespace(codebook_substitution=1.0, codebook_substitution_noise=True)
+    args = SimpleNamespace(codebook_substitution=1.0, codebook_substitution_noise=True, codebook_substitution_scaled=True)
     stage.task = SimpleNamespace(scheduler=scheduler, data_args=args)
     stage.normalized_codebook = lambda inner: codebook
     x0 = codebook[torch.randint(0, 16, (2000, 4, 4), generator=gen)].permute(0, 3, 1, 2)  # clean codebook grids
@@ -295,3 +309,14 @@ def test_corruption_target_explains_the_grid_as_a_level_t_sample():
     assert torch.allclose(noisy_s, abar.sqrt() * x0 + (1 - abar).sqrt() * target_s, atol=1e-4)
     kept = ~changed.unsqueeze(1).expand_as(x0)  # the same substitutions are drawn: untouched positions are x0 scaled
     assert torch.allclose(noisy_s[kept], (abar.sqrt() * x0).expand_as(x0)[kept], atol=1e-6)
+
+    # unscaled: the grid stays on the codebook (untouched positions are x0 itself, replaced ones codebook rows), and
+    # the target still explains it as a level-t sample of x0
+    args.codebook_substitution_scaled = False
+    noisy_u, target_u, t_u = stage.corrupt(None, x0, torch.Generator().manual_seed(2))
+    assert torch.equal(t_u, t)
+    assert torch.allclose(noisy_u, abar.sqrt() * x0 + (1 - abar).sqrt() * target_u, atol=1e-4)
+    assert torch.equal(noisy_u[kept], x0.expand_as(x0)[kept])
+    on_codebook = (noisy_u.permute(0, 2, 3, 1).reshape(-1, 1, 3) - codebook).abs().amax(-1).amin(-1)
+    assert on_codebook.max() < 1e-6
+    assert torch.allclose(noisy_u, noisy_s / abar.sqrt(), atol=1e-5)

@@ -66,6 +66,10 @@ class KolmogorovDataArguments:
     codebook_substitution: float = 0.0
     codebook_substitution_noise: bool = True  # false: substituted grids get no Gaussian noise (the level is read
     # from the substitutions alone)
+    # with codebook_substitution_noise false: whether those grids are scaled by sqrt(abar) like a DDPM sample (true)
+    # or stay on the codebook (false), so that a grid's overall amplitude is no cue to its level: emulator states are
+    # never scaled, and with scaling the classifier reads strong (high-energy) states as clean
+    codebook_substitution_scaled: bool = True
 
     def __post_init__(self):
         if self.drift_rollout_steps < 1 or self.drift_trajectories < 1:
@@ -128,6 +132,10 @@ class ThermalizerEvalArguments:
     num_denoising_steps: Optional[int] = None
     thermalizer_input: str = "sampled"  # or "expected": the emulator's expected embedding (see the pipeline)
     seed: int = 0
+    # where the rollouts start: frame `initial_frame` of the first trajectories of `initial_split`. "test" is the
+    # reported evaluation; "train" is the split to tune thresholds on without looking at the test trajectories
+    initial_split: str = "test"
+    initial_frame: int = 0
 
     def __post_init__(self):
         if self.num_initial_conditions < 1 or self.rollout_steps < 1:
@@ -141,6 +149,10 @@ class ThermalizerEvalArguments:
             raise ConfigError(f"evaluation.survival_statistics={self.survival_statistics} is invalid; allowed: a non-empty subset of enstrophy, energy")
         if self.thermalizer_input not in ("sampled", "expected"):
             raise ConfigError(f"evaluation.thermalizer_input={self.thermalizer_input!r} is invalid; allowed: sampled, expected")
+        if self.initial_split not in ("test", "train"):
+            raise ConfigError(f"evaluation.initial_split={self.initial_split!r} is invalid; allowed: test, train")
+        if self.initial_frame < 0:
+            raise ConfigError(f"evaluation.initial_frame={self.initial_frame} must be >= 0")
         if self.range_margin < 0:
             raise ConfigError(f"evaluation.range_margin={self.range_margin} must be >= 0")
 
@@ -242,9 +254,14 @@ class ThermalizerTask(Task):
         unknown_stages = sorted(set(config.stages) - {"vq_tokenizer", "emulator", "thermalizer"})
         if unknown_stages:
             raise ConfigError(f"unknown stage(s) {unknown_stages}; thermalizer has stages: vq_tokenizer, emulator, thermalizer")
-        if self.eval_args.num_initial_conditions > self.data_args.num_test_trajectories:
-            raise ConfigError(f"evaluation.num_initial_conditions={self.eval_args.num_initial_conditions} needs as many test trajectories; "
-                              f"data.num_test_trajectories={self.data_args.num_test_trajectories}")
+        ev, data = self.eval_args, self.data_args
+        available = getattr(data, f"num_{ev.initial_split}_trajectories")
+        if ev.num_initial_conditions > available:
+            raise ConfigError(f"evaluation.num_initial_conditions={ev.num_initial_conditions} needs as many {ev.initial_split} "
+                              f"trajectories; data.num_{ev.initial_split}_trajectories={available}")
+        if ev.initial_frame >= data.num_frames - data.frame_stride:
+            raise ConfigError(f"evaluation.initial_frame={ev.initial_frame} must leave at least one emulator step of "
+                              f"data.num_frames={data.num_frames} (data.frame_stride={data.frame_stride})")
         self._stages = [FrameVQStage(self), EmulatorStage(self), ThermalizerStage(self)]
         self._frames = None
         self._codes: dict = {}
@@ -345,11 +362,18 @@ class ThermalizerTask(Task):
         results.update({f"evaluation/{k}": v for k, v in vars(self.eval_args).items() if not isinstance(v, list)})
         return results
 
+    def initial_trajectories(self) -> torch.Tensor:
+        """The true trajectories the rollouts start from, from ``evaluation.initial_frame`` on, at the emulator's
+        steps: ``(num_initial_conditions, L, S, S)``."""
+        ev = self.eval_args
+        frames = self.frames(ev.initial_split)  # sizes checked against the data section when the task is built
+        return frames[: ev.num_initial_conditions, ev.initial_frame:: self.data_args.frame_stride]
+
     @torch.no_grad()
     def rollouts(self, pipe) -> dict:
         """The three arms from the same initial conditions and the same seed."""
         ev = self.eval_args
-        initial = self.frames("test")[: ev.num_initial_conditions, 0]
+        initial = self.initial_trajectories()[:, 0]
         arms = {}
         for arm in ARMS:
             arms[arm] = pipe(initial, num_steps=ev.rollout_steps, thermalize=arm != "emulator", noise_control=arm == "noise_control",
@@ -402,11 +426,13 @@ class ThermalizerTask(Task):
         start = time.perf_counter()
         arms = self.rollouts(pipe)
         rollout_seconds = time.perf_counter() - start
-        truth_steps = test[:, :: self.data_args.frame_stride]  # the true trajectory at the emulator's steps
+        truth_steps = self.initial_trajectories()  # the true trajectories at the emulator's steps
         num_truth = min(ev.short_term_steps, truth_steps.shape[1] - 1)
         reconstructed_truth = pipe.decode_codes(test_codes.view(*test.shape[:2], *test_codes.shape[-2:]))
         results = {
             "num_initial_conditions": ev.num_initial_conditions,
+            "initial_split": ev.initial_split,
+            "initial_frame": ev.initial_frame,
             "rollout_steps": ev.rollout_steps,
             "rollout_seconds": rollout_seconds,
             "frames_per_second": 3 * ev.num_initial_conditions * ev.rollout_steps / rollout_seconds,
@@ -427,7 +453,7 @@ class ThermalizerTask(Task):
             late = frames[:, -ev.late_window:]
             late_codes = output.codes[:, -ev.late_window:]
             late_valid = torch.isfinite(late).flatten(1).all(1)
-            corr = short_term_correlation(frames[:, 1: num_truth + 1], truth_steps[: ev.num_initial_conditions, 1: num_truth + 1])
+            corr = short_term_correlation(frames[:, 1: num_truth + 1], truth_steps[:, 1: num_truth + 1])
             results.update({
                 f"median_survival_{arm}": float(survival.float().median()),
                 f"mean_survival_{arm}": float(survival.float().mean()),
@@ -450,15 +476,16 @@ class ThermalizerTask(Task):
         results["survival_ratio_noise_control"] = results["median_survival_noise_control"] / max(results["median_survival_emulator"], 1.0)
         results.update({k: v for k, v in self.stage_metrics.items()})
         if out is not None:
-            self.plots(out, arms, curves, ranges, test)
+            self.plots(out, arms, curves, ranges, test, truth_steps[0])
             if ev.results_copy:
                 copy = Path(ev.results_copy)
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 copy.write_text(json.dumps({"output_dir": str(out), **results}, indent=2, default=float) + "\n")
         return results
 
-    def plots(self, out: Path, arms: dict, curves: dict, ranges: dict, test: torch.Tensor):
-        """survival_curves.png, enstrophy.png, spectra.png, frames.png (truth vs arms) in ``out``."""
+    def plots(self, out: Path, arms: dict, curves: dict, ranges: dict, test: torch.Tensor, truth: torch.Tensor):
+        """survival_curves.png, enstrophy.png, spectra.png, frames.png (``truth``, the first initial condition's true
+        trajectory at the emulator's steps, vs the arms) in ``out``."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -508,8 +535,8 @@ class ThermalizerTask(Task):
         plt.close(fig)
 
         cols = [s for s in ev.strip_steps if s <= ev.rollout_steps] or [0, ev.rollout_steps]
-        rows = [("truth", test[0, :: self.data_args.frame_stride])] + [(arm, arms[arm].frames[0]) for arm in ARMS]
-        vmax = float(test[0].abs().max())
+        rows = [("truth", truth)] + [(arm, arms[arm].frames[0]) for arm in ARMS]
+        vmax = float(truth.abs().max())
         fig, axes = plt.subplots(len(rows), len(cols), figsize=(1.6 * len(cols), 1.7 * len(rows)), squeeze=False)
         for r, (name, frames) in enumerate(rows):
             for c, s in enumerate(cols):
@@ -756,7 +783,7 @@ class ThermalizerStage(Stage):
         """``(noisy, noise target, t)``: Gaussian noise at a uniform level ``t``; on a share ``codebook_substitution``
         of the grids, codebook substitutions at ``substitution_rate(t)`` first (followed by the level's Gaussian
         noise unless ``codebook_substitution_noise`` is false, when the substituted grid is scaled by
-        ``sqrt(abar)`` only), with the noise target then the noise that explains the corrupted grid as a level-``t``
+        ``sqrt(abar)`` only, or left unscaled with ``codebook_substitution_scaled`` false), with the noise target then the noise that explains the corrupted grid as a level-``t``
         sample of the clean one, ``(x_t - sqrt(abar) x0) / sqrt(1 - abar)`` (so the denoiser learns to undo the
         substitutions too)."""
         sched = self.task.scheduler
@@ -771,7 +798,8 @@ class ThermalizerStage(Stage):
         source, _ = substitute_codes(x0, self.normalized_codebook(inner), rate, generator)
         noisy = abar.sqrt() * source + (1 - abar).sqrt() * noise
         if not self.task.data_args.codebook_substitution_noise:
-            noisy = torch.where(picked.view(-1, 1, 1, 1), abar.sqrt() * source, noisy)
+            alone = source if not self.task.data_args.codebook_substitution_scaled else abar.sqrt() * source
+            noisy = torch.where(picked.view(-1, 1, 1, 1), alone, noisy)
         return noisy, (noisy - abar.sqrt() * x0) / (1 - abar).sqrt(), t
 
     def compute_loss(self, model, batch, generator):
