@@ -110,11 +110,18 @@ class _LogWindow:
             self.terms[key] = self.terms.get(key, 0.0) + float(value)
 
 
+class _Terminated(Exception):
+    """SIGTERM after the last stage finished training (during the final export and evaluation)."""
+
+
 class _SignalFlag:
-    """Remembers SIGTERM so the loop can checkpoint at the next step boundary and exit cleanly."""
+    """Remembers SIGTERM so the loop can checkpoint at the next step boundary and exit cleanly. Once every stage is
+    trained (``interrupt`` set), there is no step boundary left to wait for: SIGTERM then stops the export and
+    evaluation at once (every stage is already saved)."""
 
     def __init__(self):
         self.received = False
+        self.interrupt = False
         self._previous = None
 
     def install(self):
@@ -125,6 +132,8 @@ class _SignalFlag:
 
     def _handle(self, signum, frame):
         self.received = True
+        if self.interrupt:
+            raise _Terminated()
 
     def restore(self):
         if self._previous is not None:
@@ -179,9 +188,15 @@ class AccelerateTrainer:
             for index, stage in enumerate(self.task.stages()):
                 model = self.train_stage(stage, index)
                 if model is None:  # stopped by SIGTERM after a checkpoint
-                    return {"stopped": True}
+                    return {"stopped": True, "stopped_in": "finalize"}
                 models[stage.name] = model
-            results = self.task.finalize(acc, models)
+            self.signal_flag.interrupt = True
+            try:
+                results = self.task.finalize(acc, models)
+            except _Terminated:
+                logger.warning("SIGTERM during the final export/evaluation: stopped there. Every stage is trained and "
+                               "saved; --training.resume_from_checkpoint latest re-runs only the export and evaluation")
+                return {"stopped": True}
             if acc.is_main_process:
                 self._write_run_files(results)
             acc.wait_for_everyone()

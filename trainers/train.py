@@ -73,7 +73,10 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError, TrainingStopped) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    if results.get("stopped"):
+    if results.get("stopped_in") == "finalize":
+        print("stopped by SIGTERM during the final export/evaluation (every stage is trained and saved); finish with "
+              "--training.resume_from_checkpoint latest", file=sys.stderr)
+    elif results.get("stopped"):
         print("training stopped by SIGTERM after writing a checkpoint; resume with --training.resume_from_checkpoint latest", file=sys.stderr)
     return 0
 

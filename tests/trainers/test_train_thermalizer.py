@@ -320,3 +320,30 @@ def test_corruption_target_explains_the_grid_as_a_level_t_sample():
     on_codebook = (noisy_u.permute(0, 2, 3, 1).reshape(-1, 1, 3) - codebook).abs().amax(-1).amin(-1)
     assert on_codebook.max() < 1e-6
     assert torch.allclose(noisy_u, noisy_s / abar.sqrt(), atol=1e-5)
+
+
+def test_sigterm_during_the_final_evaluation_stops_it(tiny_run, tmp_path):
+    """After the last stage there is no step boundary left: SIGTERM stops the export/evaluation at once (exit 0, no
+    new eval_results.json), and resuming re-runs only the evaluation."""
+    import shutil
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    (run / "eval_results.json").unlink()
+    index = run / "model_index.json"
+    exported = index.stat().st_mtime_ns
+    cmd = [sys.executable, "-m", "trainers.train", TINY, "--training.output_dir", str(run), "--training.disable_progress_bar",
+           "true", "--training.resume_from_checkpoint", "latest", "--evaluation.rollout_steps", "100000"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and index.stat().st_mtime_ns == exported:
+        time.sleep(0.2)
+    time.sleep(2)  # into the 100,000-step rollouts
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "during the final export/evaluation" in stderr
+    assert not (run / "eval_results.json").exists()
+    assert history(run) == history(tiny_run)  # nothing retrained

@@ -1,0 +1,119 @@
+"""Tune the thermalize step's thresholds on the training split: median survival of the emulator + thermalizer for each
+(s_init, s_stop) pair, against the emulator alone from the same initial conditions and random numbers.
+
+    python benchmarks/thermalizer_thresholds.py --output-dir outputs/thermalizer_kolmogorov --pairs 25:10 15:5
+
+The initial conditions are frame ``--initial-frame`` of the first ``--initial-conditions`` *training* trajectories
+(the task's ``evaluation.initial_split train``), so thresholds are chosen without looking at the test trajectories
+the reported evaluation starts from. Survival is the task's: steps until enstrophy or energy leaves the range of the
+true training trajectories as the tokenizer represents them. Each arm draws from a fresh ``torch.Generator`` seeded
+with ``--seed``, so pairs are compared on common random numbers. Writes ``benchmarks/results/thermalizer_thresholds.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_pair(text: str) -> tuple[int, int]:
+    try:
+        s_init, s_stop = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a threshold pair: expected S_INIT:S_STOP, e.g. 25:10") from None
+    return s_init, s_stop
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", default="outputs/thermalizer_kolmogorov", help="a finished thermalizer run")
+    parser.add_argument("--pairs", type=parse_pair, nargs="+", default=[(25, 10), (15, 5)], metavar="S_INIT:S_STOP")
+    parser.add_argument("--initial-conditions", type=int, default=32)
+    parser.add_argument("--initial-frame", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=400, help="emulator steps per rollout")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    import yaml
+
+    from hf_models.metrics.rollout_stability import flow_statistics, survival_steps
+    from hf_models.pipelines import ThermalizedRolloutPipeline
+    from hf_models.schedulers import ThermalizerScheduler
+    from trainers.arguments import ConfigError, build_config
+    from trainers.tasks import build_task
+
+    out = Path(args.output_dir)
+    if not (out / "model_index.json").is_file():
+        raise SystemExit(f"{out} is not a finished thermalizer run (no model_index.json); train it first:\n"
+                         "  python -m trainers.train configs/experiments/thermalizer_kolmogorov.yaml")
+    raw = yaml.safe_load((out / "config.yaml").read_text())
+    raw["training"]["output_dir"] = str(out)
+    overrides = ["--evaluation.initial_split", "train", "--evaluation.initial_frame", str(args.initial_frame),
+                 "--evaluation.num_initial_conditions", str(args.initial_conditions)]
+    try:
+        task = build_task(build_config(raw, overrides, source=str(out / "config.yaml")))
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    pipe = ThermalizedRolloutPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    saved = dict(pipe.scheduler.config)
+    ranges = task.survival_ranges(pipe)
+    initial = task.initial_trajectories()[:, 0]
+
+    def arm(thermalize: bool) -> dict:
+        start = time.perf_counter()
+        output = pipe(initial, num_steps=args.steps, thermalize=thermalize, generator=torch.Generator().manual_seed(args.seed))
+        stats = flow_statistics(output.frames[:, 1:])
+        survival = torch.stack([survival_steps(stats[k], *ranges[k], stopped_at=output.stopped_at) for k in ranges]).amin(0)
+        return {"median_survival": float(survival.float().median()), "mean_survival": float(survival.float().mean()),
+                "survival": survival.tolist(), "fire_rate": float(output.fired.float().mean()),
+                "requantized_changes_mean": float(output.requantized_changes.float().mean()),
+                "seconds": round(time.perf_counter() - start, 1)}
+
+    emulator = arm(thermalize=False)
+    print(f"emulator alone: median survival {emulator['median_survival']:.0f}", flush=True)
+    rows = []
+    for s_init, s_stop in args.pairs:
+        try:
+            pipe.scheduler = ThermalizerScheduler.from_config({**saved, "s_init": s_init, "s_stop": s_stop})
+        except ValueError as err:
+            raise SystemExit(f"error: pair {s_init}:{s_stop}: {err}") from None
+        row = {"s_init": s_init, "s_stop": s_stop, **arm(thermalize=True)}
+        row["survival_ratio"] = row["median_survival"] / max(emulator["median_survival"], 1.0)
+        rows.append(row)
+        print(f"s_init {s_init:3d} s_stop {s_stop:3d}: median survival {row['median_survival']:.0f} "
+              f"(ratio {row['survival_ratio']:.2f}), fired {row['fire_rate']:.0%}, "
+              f"{row['requantized_changes_mean']:.1f} codes changed per step", flush=True)
+
+    result = {
+        "benchmark": "thermalizer_thresholds",
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "output_dir": str(out),
+        "initial_split": "train",
+        "initial_frame": args.initial_frame,
+        "initial_conditions": args.initial_conditions,
+        "steps": args.steps,
+        "seed": args.seed,
+        "survival_ranges": {k: list(v) for k, v in ranges.items()},
+        "emulator": emulator,
+        "pairs": rows,
+        "torch": torch.__version__,
+    }
+    path = Path(__file__).resolve().parent / "results" / "thermalizer_thresholds.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
