@@ -188,7 +188,7 @@ class AccelerateTrainer:
             for index, stage in enumerate(self.task.stages()):
                 model = self.train_stage(stage, index)
                 if model is None:  # stopped by SIGTERM after a checkpoint
-                    return {"stopped": True, "stopped_in": "finalize"}
+                    return {"stopped": True}
                 models[stage.name] = model
             self.signal_flag.interrupt = True
             try:
@@ -196,7 +196,7 @@ class AccelerateTrainer:
             except _Terminated:
                 logger.warning("SIGTERM during the final export/evaluation: stopped there. Every stage is trained and "
                                "saved; --training.resume_from_checkpoint latest re-runs only the export and evaluation")
-                return {"stopped": True}
+                return {"stopped": True, "stopped_in": "finalize"}
             if acc.is_main_process:
                 self._write_run_files(results)
             acc.wait_for_everyone()

@@ -174,6 +174,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
+    assert "training stopped by SIGTERM after writing a checkpoint" in stderr
     ckpts = list((out / "checkpoints" / "vq_tokenizer").glob("checkpoint-*"))
     assert len(ckpts) == 1 and (ckpts[0] / "trainer_state.json").is_file()
     from trainers.checkpointing import verify_checkpoint
