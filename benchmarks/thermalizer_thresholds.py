@@ -43,26 +43,19 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import yaml
-
-    from hf_models.metrics.rollout_stability import flow_statistics, survival_steps
     from hf_models.pipelines import ThermalizedRolloutPipeline
     from hf_models.schedulers import ThermalizerScheduler
-    from trainers.arguments import ConfigError, build_config
-    from trainers.tasks import build_task
+    from trainers.arguments import ConfigError
+    from trainers.evaluate import load_run_task
 
     out = Path(args.output_dir)
-    if not (out / "model_index.json").is_file():
-        raise SystemExit(f"{out} is not a finished thermalizer run (no model_index.json); train it first:\n"
-                         "  python -m trainers.train configs/experiments/thermalizer_kolmogorov.yaml")
-    raw = yaml.safe_load((out / "config.yaml").read_text())
-    raw["training"]["output_dir"] = str(out)
     overrides = ["--evaluation.initial_split", "train", "--evaluation.initial_frame", str(args.initial_frame),
                  "--evaluation.num_initial_conditions", str(args.initial_conditions)]
     try:
-        task = build_task(build_config(raw, overrides, source=str(out / "config.yaml")))
+        task = load_run_task(out, overrides)
     except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise SystemExit(f"error: {err}; a finished thermalizer run is made by\n"
+                         "  python -m trainers.train configs/experiments/thermalizer_kolmogorov.yaml") from None
     pipe = ThermalizedRolloutPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
     saved = dict(pipe.scheduler.config)
@@ -72,8 +65,7 @@ def main():
     def arm(thermalize: bool) -> dict:
         start = time.perf_counter()
         output = pipe(initial, num_steps=args.steps, thermalize=thermalize, generator=torch.Generator().manual_seed(args.seed))
-        stats = flow_statistics(output.frames[:, 1:])
-        survival = torch.stack([survival_steps(stats[k], *ranges[k], stopped_at=output.stopped_at) for k in ranges]).amin(0)
+        _, _, survival = task.survival(output, ranges)
         return {"median_survival": float(survival.float().median()), "mean_survival": float(survival.float().mean()),
                 "survival": survival.tolist(), "fire_rate": float(output.fired.float().mean()),
                 "requantized_changes_mean": float(output.requantized_changes.float().mean()),

@@ -17,6 +17,20 @@ import yaml
 from .arguments import ConfigError, build_config
 
 
+def load_run_task(out: Path, overrides=()):
+    """The task of a finished run in ``out`` (its resolved ``config.yaml`` with ``output_dir`` pointing at ``out``),
+    with ``--section.key value`` overrides; a ``ConfigError`` if ``out`` is not a finished run or an override is bad."""
+    out = Path(out)
+    if not (out / "config.yaml").is_file() or not (out / "model_index.json").is_file():
+        raise ConfigError(f"{out} is not a finished run: it needs config.yaml and model_index.json")
+    raw = yaml.safe_load((out / "config.yaml").read_text())
+    raw["training"]["output_dir"] = str(out)
+    config = build_config(raw, list(overrides), source=str(out / "config.yaml"))
+    from .tasks import build_task
+
+    return build_task(config)
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -26,16 +40,9 @@ def main(argv=None) -> int:
     write = "--write" in argv
     overrides = [a for a in argv[1:] if a != "--write"]
     try:
-        if not (out / "config.yaml").is_file() or not (out / "model_index.json").is_file():
-            raise ConfigError(f"{out} is not a finished run: it needs config.yaml and model_index.json")
-        raw = yaml.safe_load((out / "config.yaml").read_text())
-        raw["training"]["output_dir"] = str(out)
-        config = build_config(raw, overrides, source=str(out / "config.yaml"))
-        from .tasks import build_task
-
-        task = build_task(config)
+        task = load_run_task(out, overrides)
         if not hasattr(task, "evaluate_saved"):
-            raise ConfigError(f"task {config.task!r} has no re-evaluation yet")
+            raise ConfigError(f"task {task.name!r} has no re-evaluation yet")
         import inspect
 
         if "write" in inspect.signature(task.evaluate_saved).parameters:  # tasks that also write plots

@@ -392,6 +392,16 @@ class ThermalizerTask(Task):
         stats = flow_statistics(represented)
         return {name: statistic_range(stats[name], self.eval_args.range_margin) for name in self.eval_args.survival_statistics}
 
+    def survival(self, output, ranges: dict):
+        """``(statistics, survival per statistic, survival)`` of a rollout output: steps until each statistic of
+        ``evaluation.survival_statistics`` leaves its range (or the rollout was stopped), and the first of them."""
+        from hf_models.metrics.rollout_stability import flow_statistics, survival_steps
+
+        stats = flow_statistics(output.frames[:, 1:])
+        per_statistic = {name: survival_steps(stats[name], *ranges[name], stopped_at=output.stopped_at)
+                         for name in self.eval_args.survival_statistics}
+        return stats, per_statistic, torch.stack(list(per_statistic.values())).amin(0)
+
     @torch.no_grad()
     def evaluate_pipeline(self, pipe, out: Optional[Path]) -> dict:
         """Survival, late-window spectrum / enstrophy-histogram / codebook-usage distances, short-term correlation,
@@ -405,7 +415,6 @@ class ThermalizerTask(Task):
             short_term_correlation,
             spectrum_distance,
             statistic_range,
-            survival_steps,
         )
 
         ev = self.eval_args
@@ -446,9 +455,7 @@ class ThermalizerTask(Task):
         curves = {}
         for arm, output in arms.items():
             frames = output.frames  # (B, L + 1, S, S)
-            stats = flow_statistics(frames[:, 1:])
-            per_statistic = {name: survival_steps(stats[name], *ranges[name], stopped_at=output.stopped_at) for name in ev.survival_statistics}
-            survival = torch.stack(list(per_statistic.values())).amin(0)
+            stats, per_statistic, survival = self.survival(output, ranges)
             results.update({f"median_survival_{arm}_{name}": float(v.float().median()) for name, v in per_statistic.items()})
             late = frames[:, -ev.late_window:]
             late_codes = output.codes[:, -ev.late_window:]
