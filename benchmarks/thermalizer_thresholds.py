@@ -1,7 +1,9 @@
 """Tune the thermalize step's thresholds on the training split: median survival of the emulator + thermalizer for each
 (s_init, s_stop) pair, against the emulator alone from the same initial conditions and random numbers.
 
-    python benchmarks/thermalizer_thresholds.py --output-dir outputs/thermalizer_kolmogorov --pairs 25:10 15:5
+    python benchmarks/thermalizer_thresholds.py --output-dir outputs/thermalizer_kolmogorov --pairs 25:10 15:5 15:5:4
+
+A third field sets the scheduler's ``num_denoising_steps`` for that row (default: the run's).
 
 The initial conditions are frame ``--initial-frame`` of the first ``--initial-conditions`` *training* trajectories
 (the task's ``evaluation.initial_split train``), so thresholds are chosen without looking at the test trajectories
@@ -22,18 +24,29 @@ from pathlib import Path
 import torch
 
 
-def parse_pair(text: str) -> tuple[int, int]:
+KEEP = "run"  # a pair without a third field keeps the run's num_denoising_steps
+
+
+def parse_pair(text: str) -> tuple:
+    """``S_INIT:S_STOP[:K]`` -> ``(s_init, s_stop, K)``; K is the scheduler's ``num_denoising_steps`` (an int, or
+    ``none`` for one level per step) and defaults to the run's."""
+    fields = text.split(":")
     try:
-        s_init, s_stop = (int(v) for v in text.split(":"))
+        if len(fields) not in (2, 3):
+            raise ValueError
+        s_init, s_stop = int(fields[0]), int(fields[1])
+        steps = KEEP if len(fields) == 2 else (None if fields[2].lower() == "none" else int(fields[2]))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a threshold pair: expected S_INIT:S_STOP, e.g. 25:10") from None
-    return s_init, s_stop
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a threshold pair: expected S_INIT:S_STOP or S_INIT:S_STOP:K (K an int or none), e.g. 25:10 or 15:5:4"
+        ) from None
+    return s_init, s_stop, steps
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="outputs/thermalizer_kolmogorov", help="a finished thermalizer run")
-    parser.add_argument("--pairs", type=parse_pair, nargs="+", default=[(25, 10), (15, 5)], metavar="S_INIT:S_STOP")
+    parser.add_argument("--pairs", type=parse_pair, nargs="+", default=[(25, 10, KEEP), (15, 5, KEEP)], metavar="S_INIT:S_STOP[:K]")
     parser.add_argument("--initial-conditions", type=int, default=32)
     parser.add_argument("--initial-frame", type=int, default=100)
     parser.add_argument("--steps", type=int, default=400, help="emulator steps per rollout")
@@ -44,7 +57,6 @@ def main():
         torch.set_num_threads(args.threads)
 
     from hf_models.pipelines import ThermalizedRolloutPipeline
-    from hf_models.schedulers import ThermalizerScheduler
     from trainers.arguments import ConfigError
     from trainers.evaluate import load_run_task
 
@@ -58,7 +70,7 @@ def main():
                          "  python -m trainers.train configs/experiments/thermalizer_kolmogorov.yaml") from None
     pipe = ThermalizedRolloutPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
-    saved = dict(pipe.scheduler.config)
+    saved = pipe.scheduler
     ranges = task.survival_ranges(pipe)
     initial = task.initial_trajectories()[:, 0]
 
@@ -74,15 +86,16 @@ def main():
     emulator = arm(thermalize=False)
     print(f"emulator alone: median survival {emulator['median_survival']:.0f}", flush=True)
     rows = []
-    for s_init, s_stop in args.pairs:
+    for s_init, s_stop, steps in args.pairs:
+        steps = saved.config.num_denoising_steps if steps == KEEP else steps
         try:
-            pipe.scheduler = ThermalizerScheduler.from_config({**saved, "s_init": s_init, "s_stop": s_stop})
+            pipe.scheduler = saved.with_config(s_init=s_init, s_stop=s_stop, num_denoising_steps=steps)
         except ValueError as err:
-            raise SystemExit(f"error: pair {s_init}:{s_stop}: {err}") from None
-        row = {"s_init": s_init, "s_stop": s_stop, **arm(thermalize=True)}
+            raise SystemExit(f"error: pair {s_init}:{s_stop}:{steps}: {err}") from None
+        row = {"s_init": s_init, "s_stop": s_stop, "num_denoising_steps": steps, **arm(thermalize=True)}
         row["survival_ratio"] = row["median_survival"] / max(emulator["median_survival"], 1.0)
         rows.append(row)
-        print(f"s_init {s_init:3d} s_stop {s_stop:3d}: median survival {row['median_survival']:.0f} "
+        print(f"s_init {s_init:3d} s_stop {s_stop:3d} num_denoising_steps {steps}: median survival {row['median_survival']:.0f} "
               f"(ratio {row['survival_ratio']:.2f}), fired {row['fire_rate']:.0%}, "
               f"{row['requantized_changes_mean']:.1f} codes changed per step", flush=True)
 

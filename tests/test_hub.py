@@ -139,7 +139,7 @@ def loaded(hub_server, pushed, output_dir, tmp_path_factory):
 
 def test_push_uploads_through_preupload_lfs_and_commit(pushed):
     stdout, log = pushed
-    assert f"pushed" in stdout and REPO_ID in stdout
+    assert "pushed" in stdout and REPO_ID in stdout
     routes = [(m, p.split("?")[0]) for m, p, status in log if status < 400]
     assert ("POST", "/api/repos/create") in routes
     assert ("POST", f"/api/models/{REPO_ID}/preupload/main") in routes

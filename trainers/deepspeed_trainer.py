@@ -333,10 +333,11 @@ class DeepSpeedTrainer(AccelerateTrainer):
         if args.use_ema and zero_stage == 3:
             raise ConfigError(f"training.use_ema=true with ZeRO-3 ({ds_path}): EMA needs whole parameters on every rank; use ZeRO-1/2 or turn EMA off")
         optimizer = None if "optimizer" in ds_config else self._build_optimizer(model, args)
-        schedule = None
-        if "scheduler" not in ds_config:
-            def schedule(opt):
-                return get_scheduler(args.lr_scheduler_type, optimizer=opt, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
+        def transformers_schedule(opt):
+            return get_scheduler(args.lr_scheduler_type, optimizer=opt, num_warmup_steps=args.warmup_steps, num_training_steps=args.max_steps)
+
+        # a "scheduler" section in the DeepSpeed config is DeepSpeed's own scheduler
+        schedule = None if "scheduler" in ds_config else transformers_schedule
         ema = None
         if args.use_ema:
             from diffusers.training_utils import EMAModel

@@ -69,6 +69,10 @@ class ThermalizerScheduler(DDPMScheduler):
         num_denoising_steps (`int`, *optional*): at most this many DDPM steps per thermalization: item `i` jumps along
             `K + 1` evenly spaced levels from `s_i` to `s_stop` (rounded; the DDPM posterior between non-adjacent
             levels, as in strided DDPM sampling). `None` (default, the paper's) steps one level at a time.
+        renoise (`bool`, defaults to `False`): before denoising, add fresh Gaussian noise to each fired item at its
+            level `s` (`add_noise`, as in SDEdit), so a state that drifted without Gaussian noise (an emulator state
+            whose codes stay on the codebook) is turned into a DDPM sample at level `s` the denoiser was trained on.
+            `False` (the paper's) takes the state itself as that sample.
         Other arguments: as in `DDPMScheduler`.
 
     Example:
@@ -103,6 +107,7 @@ class ThermalizerScheduler(DDPMScheduler):
         s_stop: int = 4,
         s_max: int = 200,
         num_denoising_steps: Optional[int] = None,
+        renoise: bool = False,
     ):
         if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) or num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={num_train_timesteps!r} is invalid: expected an int >= 2")
@@ -120,6 +125,8 @@ class ThermalizerScheduler(DDPMScheduler):
             raise ValueError(
                 f"num_denoising_steps={num_denoising_steps!r} is invalid: expected null (one level per step) or an int >= 1"
             )
+        if not isinstance(renoise, (bool, np.bool_)):
+            raise ValueError(f"renoise={renoise!r} is invalid: expected true or false")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(
                 f"prediction_type={prediction_type!r} is invalid: expected one of {PREDICTION_TYPES} (the "
@@ -148,6 +155,15 @@ class ThermalizerScheduler(DDPMScheduler):
             steps_offset=steps_offset,
             rescale_betas_zero_snr=rescale_betas_zero_snr,
         )
+
+    def with_config(self, **overrides) -> "ThermalizerScheduler":
+        """A new scheduler with this one's config and `overrides` (validated as in `__init__`).
+
+        `from_config({**scheduler.config, **overrides})` is not enough for a loaded scheduler: diffusers records the
+        keys a saved config left at their defaults (`_use_default_values`) and `from_config` drops those keys, so an
+        override of one of them (e.g. `num_denoising_steps` of a run saved with the default) would be ignored."""
+        config = {k: v for k, v in self.config.items() if k != "_use_default_values"}
+        return type(self).from_config({**config, **overrides})
 
     def step_between(self, noise_pred: torch.Tensor, timesteps: torch.LongTensor, prev_timesteps: torch.LongTensor,
                      sample: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -217,6 +233,10 @@ class ThermalizerScheduler(DDPMScheduler):
         stopped = levels > cfg.s_max
         fired = (levels > cfg.s_init) & ~stopped
         x = sample.clone()
+        if cfg.renoise and bool(fired.any()):
+            rows = fired.nonzero().flatten()
+            noise = randn_tensor(x[rows].shape, generator=generator, device=x.device, dtype=x.dtype)
+            x[rows] = self.add_noise(x[rows], noise, levels[rows]).to(x.dtype)
         if bool(fired.any()) and cfg.num_denoising_steps is not None:
             rows_all = fired.nonzero().flatten()
             start = levels[rows_all].double()

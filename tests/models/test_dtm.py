@@ -16,12 +16,9 @@ from safetensors.torch import load_file, save_file
 from hf_models.dtm import DTMConfig, DTMModel, DTMOutput
 from tests.helpers import BLOCK_LATENTHEAT
 from hf_models.dtm.gibbs import (
-    IsingGraph,
     build_lattice_graph,
     gibbs_sweeps,
     ising_energy,
-    ising_local_fields,
-    lattice_edges,
     skip_offsets,
     thrml_gibbs_sweeps,
 )

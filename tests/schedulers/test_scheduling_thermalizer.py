@@ -405,3 +405,53 @@ def test_strided_with_enough_steps_equals_single_levels():
 def test_num_denoising_steps_is_validated(value):
     with pytest.raises(ValueError, match="num_denoising_steps"):
         ThermalizerScheduler(num_denoising_steps=value)
+
+
+@pytest.mark.parametrize("num_denoising_steps", [None, 4])
+def test_renoise_adds_the_level_noise_to_fired_items_first(num_denoising_steps, tmp_path):
+    """renoise=True: each fired item is first noised to its level by `add_noise` with the call's generator (its
+    first draw), then denoised as before; items that did not fire or were stopped stay bit-identical."""
+    levels = torch.tensor([30, 2, 25, 250])  # fired, below s_init, fired, stopped (s_max=200)
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    plain = ThermalizerScheduler(s_init=10, s_stop=4, num_denoising_steps=num_denoising_steps)
+    renoised = ThermalizerScheduler(s_init=10, s_stop=4, num_denoising_steps=num_denoising_steps, renoise=True)
+    out = renoised.thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels)
+
+    gen = torch.Generator().manual_seed(1)
+    fired = torch.tensor([True, False, True, False])
+    noise = torch.randn(x[fired].shape, generator=gen)
+    by_hand = x.clone()
+    by_hand[fired] = plain.add_noise(x[fired], noise, levels[fired])
+    expected = plain.thermalize(TinyDenoiser(), by_hand, generator=gen, levels=levels)
+    assert torch.equal(out.fired, fired) and torch.equal(out.stopped, torch.tensor([False, False, False, True]))
+    assert torch.allclose(out.sample[fired], expected.sample[fired], atol=1e-6)
+    assert torch.equal(out.sample[~fired], x[~fired])
+    without = plain.thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels)
+    assert not torch.allclose(out.sample[fired], without.sample[fired], atol=1e-2)
+
+    renoised.save_config(tmp_path)
+    assert ThermalizerScheduler.from_pretrained(tmp_path).config.renoise is True
+    with pytest.raises(ValueError, match="renoise='yes'"):
+        ThermalizerScheduler(renoise="yes")
+
+
+def test_with_config_overrides_keys_a_saved_config_lacks(tmp_path):
+    """A scheduler loaded from a config saved before a key existed records that key as defaulted (diffusers'
+    `_use_default_values`), and plain `from_config({**config, **overrides})` drops an override of it; `with_config`
+    applies it."""
+    import json
+
+    ThermalizerScheduler(num_train_timesteps=200, s_init=15, s_stop=5, s_max=150).save_config(tmp_path)
+    path = tmp_path / "scheduler_config.json"
+    saved = json.loads(path.read_text())
+    del saved["renoise"]  # as written before `renoise` existed
+    path.write_text(json.dumps(saved))
+    loaded = ThermalizerScheduler.from_pretrained(tmp_path)
+    assert "renoise" in loaded.config["_use_default_values"]
+    assert ThermalizerScheduler.from_config({**loaded.config, "renoise": True}).config.renoise is False  # the pitfall
+    changed = loaded.with_config(num_denoising_steps=3, renoise=True, s_init=20)
+    assert (changed.config.num_denoising_steps, changed.config.renoise, changed.config.s_init) == (3, True, 20)
+    assert (changed.config.s_stop, changed.config.s_max, changed.config.num_train_timesteps) == (5, 150, 200)
+    assert loaded.config.renoise is False and loaded.config.num_denoising_steps is None  # the original is untouched
+    with pytest.raises(ValueError, match="s_init=3"):
+        loaded.with_config(s_init=3)

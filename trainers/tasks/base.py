@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
     from PIL import Image
 
-    from ..arguments import ExperimentConfig, TrainingArguments
+    from ..arguments import ExperimentConfig
 
 
 @dataclass

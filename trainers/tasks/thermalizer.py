@@ -130,6 +130,7 @@ class ThermalizerEvalArguments:
     s_stop: Optional[int] = None
     s_max: Optional[int] = None
     num_denoising_steps: Optional[int] = None
+    renoise: Optional[bool] = None
     thermalizer_input: str = "sampled"  # or "expected": the emulator's expected embedding (see the pipeline)
     seed: int = 0
     # where the rollouts start: frame `initial_frame` of the first trajectories of `initial_split`. "test" is the
@@ -419,12 +420,11 @@ class ThermalizerTask(Task):
 
         ev = self.eval_args
         train, test = self.frames("train"), self.frames("test")
-        thresholds = {k: getattr(ev, k) for k in ("s_init", "s_stop", "s_max", "num_denoising_steps") if getattr(ev, k) is not None}
+        thresholds = {k: getattr(ev, k) for k in ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise")
+                      if getattr(ev, k) is not None}
         if thresholds:
-            from hf_models.schedulers import ThermalizerScheduler
-
             try:
-                pipe.scheduler = ThermalizerScheduler.from_config({**pipe.scheduler.config, **thresholds})
+                pipe.scheduler = pipe.scheduler.with_config(**thresholds)
             except ValueError as err:
                 raise ConfigError(f"evaluation thresholds {thresholds}: {err}") from None
         ranges = self.survival_ranges(pipe)
