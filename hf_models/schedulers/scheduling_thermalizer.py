@@ -73,6 +73,9 @@ class ThermalizerScheduler(DDPMScheduler):
             level `s` (`add_noise`, as in SDEdit), so a state that drifted without Gaussian noise (an emulator state
             whose codes stay on the codebook) is turned into a DDPM sample at level `s` the denoiser was trained on.
             `False` (the paper's) takes the state itself as that sample.
+        eta (`float`, *optional*): denoise with DDIM steps of this `eta` instead (`0` deterministic, `1` the DDPM
+            posterior's variance): `x_p = sqrt(abar_p) x0_pred + sqrt(1 - abar_p - sigma^2) eps + sigma z` with
+            `sigma^2 = eta^2 (1 - abar_p) / (1 - abar_t) (1 - abar_t / abar_p)`. `None` (default) takes DDPM steps.
         Other arguments: as in `DDPMScheduler`.
 
     Example:
@@ -108,6 +111,7 @@ class ThermalizerScheduler(DDPMScheduler):
         s_max: int = 200,
         num_denoising_steps: Optional[int] = None,
         renoise: bool = False,
+        eta: Optional[float] = None,
     ):
         if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) or num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={num_train_timesteps!r} is invalid: expected an int >= 2")
@@ -125,6 +129,8 @@ class ThermalizerScheduler(DDPMScheduler):
             raise ValueError(
                 f"num_denoising_steps={num_denoising_steps!r} is invalid: expected null (one level per step) or an int >= 1"
             )
+        if eta is not None and (isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta <= 1):
+            raise ValueError(f"eta={eta!r} is invalid: expected null (DDPM steps) or a number in [0, 1]")
         if not isinstance(renoise, (bool, np.bool_)):
             raise ValueError(f"renoise={renoise!r} is invalid: expected true or false")
         if prediction_type not in PREDICTION_TYPES:
@@ -178,6 +184,11 @@ class ThermalizerScheduler(DDPMScheduler):
         beta = 1 - alpha
         x_t, eps = sample.double(), noise_pred.double()
         x0 = (x_t - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
+        if self.config.eta is not None:
+            variance = self.config.eta**2 * (1 - ab_p) / (1 - ab_t) * beta
+            noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype).double()
+            direction = (1 - ab_p - variance).clamp_min(0).sqrt() * eps
+            return (ab_p.sqrt() * x0 + direction + variance.sqrt() * noise).to(sample.dtype)
         mean = ab_p.sqrt() * beta / (1 - ab_t) * x0 + alpha.sqrt() * (1 - ab_p) / (1 - ab_t) * x_t
         variance = (beta * (1 - ab_p) / (1 - ab_t)).clamp_min(1e-20)
         noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype).double()
@@ -237,12 +248,14 @@ class ThermalizerScheduler(DDPMScheduler):
             rows = fired.nonzero().flatten()
             noise = randn_tensor(x[rows].shape, generator=generator, device=x.device, dtype=x.dtype)
             x[rows] = self.add_noise(x[rows], noise, levels[rows]).to(x.dtype)
-        if bool(fired.any()) and cfg.num_denoising_steps is not None:
+        if bool(fired.any()) and (cfg.num_denoising_steps is not None or cfg.eta is not None):
             rows_all = fired.nonzero().flatten()
             start = levels[rows_all].double()
-            frac = torch.arange(cfg.num_denoising_steps + 1, dtype=torch.float64, device=start.device) / cfg.num_denoising_steps
+            # DDIM steps without num_denoising_steps: one level per step, as the DDPM path
+            K = cfg.num_denoising_steps or int(start.max()) - cfg.s_stop
+            frac = torch.arange(K + 1, dtype=torch.float64, device=start.device) / K
             grid = (start[:, None] + (cfg.s_stop - start[:, None]) * frac[None]).round().long()  # (n, K + 1)
-            for k in range(cfg.num_denoising_steps):
+            for k in range(K):
                 t, prev = grid[:, k], grid[:, k + 1]
                 act = t > prev
                 if not bool(act.any()):

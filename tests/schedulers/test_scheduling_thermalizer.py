@@ -455,3 +455,29 @@ def test_with_config_overrides_keys_a_saved_config_lacks(tmp_path):
     assert loaded.config.renoise is False and loaded.config.num_denoising_steps is None  # the original is untouched
     with pytest.raises(ValueError, match="s_init=3"):
         loaded.with_config(s_init=3)
+
+
+def test_ddim_eta_one_is_the_ddpm_posterior_and_eta_zero_is_deterministic():
+    """eta=1: DDIM's step between two levels has the DDPM posterior's mean and variance, so with the same generator
+    the strided samples agree with the DDPM path's; without num_denoising_steps the DDIM path visits every level as
+    the DDPM one does; eta=0 draws no randomness into the result."""
+    levels = torch.tensor([40, 25, 3])  # two fired, one below s_init
+    x = torch.randn(3, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    ddpm = ThermalizerScheduler(num_denoising_steps=5).thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels)
+    ddim = ThermalizerScheduler(num_denoising_steps=5, eta=1.0).thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels)
+    assert ddim.num_model_calls == ddpm.num_model_calls == 5
+    assert torch.allclose(ddim.sample, ddpm.sample, atol=1e-5)
+    assert torch.equal(ddim.sample[2], x[2])
+    single = ThermalizerScheduler().thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels)
+    ddim_single = ThermalizerScheduler(eta=1.0).thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels)
+    assert ddim_single.num_model_calls == single.num_model_calls == 40 - 4
+    zero = ThermalizerScheduler(num_denoising_steps=5, eta=0.0)
+    a = zero.thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels).sample
+    b = zero.thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(2), levels=levels).sample
+    assert torch.equal(a, b) and not torch.allclose(a[:2], x[:2], atol=1e-2)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.5, True, "1"])
+def test_eta_is_validated(value):
+    with pytest.raises(ValueError, match="eta="):
+        ThermalizerScheduler(eta=value)

@@ -175,6 +175,16 @@ def test_evaluate_cli_reevaluates_with_another_rollout_length(tiny_run):
     assert tuned["initial_split"] == "train" and tuned["initial_frame"] == 6
     assert tuned["short_term_correlation_emulator"] != results["short_term_correlation_emulator"]
 
+    # the thermalize step's settings are evaluation overrides too, including ones the saved scheduler left at default
+    proc = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(tiny_run), "--evaluation.rollout_steps", "12",
+                           "--evaluation.late_window", "4", "--evaluation.renoise", "true", "--evaluation.eta", "0.0",
+                           "--evaluation.s_init", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    changed = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert (changed["renoise"], changed["eta"], changed["s_init"]) == (True, 0.0, 2)
+    assert (results["renoise"], results["eta"]) == (False, None)
+    assert changed["median_survival_emulator"] == results["median_survival_emulator"]  # same random numbers
+
 
 @pytest.mark.distributed
 def test_deepspeed_zero2_trains_the_thermalizer(tmp_path):

@@ -131,6 +131,7 @@ class ThermalizerEvalArguments:
     s_max: Optional[int] = None
     num_denoising_steps: Optional[int] = None
     renoise: Optional[bool] = None
+    eta: Optional[float] = None
     thermalizer_input: str = "sampled"  # or "expected": the emulator's expected embedding (see the pipeline)
     seed: int = 0
     # where the rollouts start: frame `initial_frame` of the first trajectories of `initial_split`. "test" is the
@@ -420,7 +421,7 @@ class ThermalizerTask(Task):
 
         ev = self.eval_args
         train, test = self.frames("train"), self.frames("test")
-        thresholds = {k: getattr(ev, k) for k in ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise")
+        thresholds = {k: getattr(ev, k) for k in ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise", "eta")
                       if getattr(ev, k) is not None}
         if thresholds:
             try:
@@ -445,7 +446,7 @@ class ThermalizerTask(Task):
             "rollout_steps": ev.rollout_steps,
             "rollout_seconds": rollout_seconds,
             "frames_per_second": 3 * ev.num_initial_conditions * ev.rollout_steps / rollout_seconds,
-            **{k: pipe.scheduler.config[k] for k in ("s_init", "s_stop", "s_max", "num_denoising_steps")},
+            **{k: pipe.scheduler.config[k] for k in ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise", "eta")},
             "thermalizer_input": ev.thermalizer_input,
             "survival_ranges": {k: list(v) for k, v in ranges.items()},
             "survival_ranges_raw_truth": {k: list(statistic_range(flow_statistics(train)[k], ev.range_margin)) for k in ranges},
