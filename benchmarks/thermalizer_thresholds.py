@@ -51,6 +51,8 @@ def main():
     parser.add_argument("--initial-frame", type=int, default=100)
     parser.add_argument("--steps", type=int, default=400, help="emulator steps per rollout")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--eta", type=float, default=None,
+                        help="the scheduler's eta for every row (DDIM steps; default: the run's, DDPM steps if unset)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
     if args.threads:
@@ -89,13 +91,15 @@ def main():
     for s_init, s_stop, steps in args.pairs:
         steps = saved.config.num_denoising_steps if steps == KEEP else steps
         try:
-            pipe.scheduler = saved.with_config(s_init=s_init, s_stop=s_stop, num_denoising_steps=steps)
+            pipe.scheduler = saved.with_config(s_init=s_init, s_stop=s_stop, num_denoising_steps=steps,
+                                               eta=saved.config.eta if args.eta is None else args.eta)
         except ValueError as err:
             raise SystemExit(f"error: pair {s_init}:{s_stop}:{steps}: {err}") from None
-        row = {"s_init": s_init, "s_stop": s_stop, "num_denoising_steps": steps, **arm(thermalize=True)}
+        row = {"s_init": s_init, "s_stop": s_stop, "num_denoising_steps": steps, "eta": pipe.scheduler.config.eta,
+               **arm(thermalize=True)}
         row["survival_ratio"] = row["median_survival"] / max(emulator["median_survival"], 1.0)
         rows.append(row)
-        print(f"s_init {s_init:3d} s_stop {s_stop:3d} num_denoising_steps {steps}: median survival {row['median_survival']:.0f} "
+        print(f"s_init {s_init:3d} s_stop {s_stop:3d} num_denoising_steps {steps} eta {row['eta']}: median survival {row['median_survival']:.0f} "
               f"(ratio {row['survival_ratio']:.2f}), fired {row['fire_rate']:.0%}, "
               f"{row['requantized_changes_mean']:.1f} codes changed per step", flush=True)
 
