@@ -91,8 +91,8 @@ def main():
     for s_init, s_stop, steps in args.pairs:
         steps = saved.config.num_denoising_steps if steps == KEEP else steps
         try:
-            pipe.scheduler = saved.with_config(s_init=s_init, s_stop=s_stop, num_denoising_steps=steps,
-                                               eta=saved.config.eta if args.eta is None else args.eta)
+            eta = {} if args.eta is None else {"eta": args.eta}  # default: the run's
+            pipe.scheduler = saved.with_config(s_init=s_init, s_stop=s_stop, num_denoising_steps=steps, **eta)
         except ValueError as err:
             raise SystemExit(f"error: pair {s_init}:{s_stop}:{steps}: {err}") from None
         row = {"s_init": s_init, "s_stop": s_stop, "num_denoising_steps": steps, "eta": pipe.scheduler.config.eta,

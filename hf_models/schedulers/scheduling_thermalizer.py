@@ -166,8 +166,8 @@ class ThermalizerScheduler(DDPMScheduler):
         """A new scheduler with this one's config and `overrides` (validated as in `__init__`).
 
         `from_config({**scheduler.config, **overrides})` is not enough for a loaded scheduler: diffusers records the
-        keys a saved config left at their defaults (`_use_default_values`) and `from_config` drops those keys, so an
-        override of one of them (e.g. `num_denoising_steps` of a run saved with the default) would be ignored."""
+        keys its saved config lacked (`_use_default_values`) and `from_config` drops those keys, so an override of one
+        of them (e.g. `renoise` of a run saved before that option existed) would be silently ignored."""
         config = {k: v for k, v in self.config.items() if k != "_use_default_values"}
         return type(self).from_config({**config, **overrides})
 
