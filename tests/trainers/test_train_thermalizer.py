@@ -54,6 +54,9 @@ def test_tiny_run_writes_pipeline_data_plots_metrics_and_card(tiny_run):
     logged = [json.loads(line) for line in (out / "logs" / "log_history.jsonl").read_text().splitlines()]
     probe = [v for r in logged for k, v in r.items() if k.endswith("level_substituted_10pct_mean")]
     assert probe and all(0 <= v < 1000 for v in probe), probe
+    # and of emulator steps, next to the level the emulator pairs train it on (a level of the schedule)
+    step = [(r[k], r[k.replace("_mean", "_label_mean")]) for r in logged for k in r if k.endswith("level_emulator_step_mean")]
+    assert step and all(0 <= a < 1000 and 0 <= b < 1000 for a, b in step), step
     card = (out / "README.md").read_text()
     assert "ThermalizedRolloutPipeline" in card and "median_survival_thermalizer" in card and "model-index" in card
     assert "in parallel in one" in card  # says how the emulator predicts a frame
@@ -77,6 +80,16 @@ def test_prepared_embeddings_are_codebook_vectors(tiny_run):
         assert distance.max() == 0, name
     clean = load_from_disk(str(tiny_run / "embeddings" / "clean_train"))
     assert len(clean) == 4 * 24  # 4 trajectories x 24 stored frames
+    # emulator pairs: one emulator step (codebook vectors) from each true frame, with the true frame 2 later
+    pairs = load_from_disk(str(tiny_run / "embeddings" / "pairs")).with_format("torch")[:]
+    assert len(pairs["frame"]) == 4 * 22 and pairs["frame"].min() == 2 and pairs["frame"].max() == 23
+    clean = clean.with_format("torch")[:]
+    for i in (0, 37, 87):
+        j = int(pairs["trajectory"][i]) * 24 + int(pairs["frame"][i])
+        assert int(clean["trajectory"][j]) == int(pairs["trajectory"][i]) and int(clean["frame"][j]) == int(pairs["frame"][i])
+        assert torch.equal(pairs["target"][i], clean["embedding"][j])
+    vectors = pairs["source"].permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+    assert (vectors[:, None, :] - codebook[None]).abs().amax(-1).amin(1).max() == 0
 
 
 def test_evaluation_numbers_are_reproduced_from_the_saved_pipeline(tiny_run):
@@ -330,6 +343,63 @@ def test_corruption_target_explains_the_grid_as_a_level_t_sample():
     on_codebook = (noisy_u.permute(0, 2, 3, 1).reshape(-1, 1, 3) - codebook).abs().amax(-1).amin(-1)
     assert on_codebook.max() < 1e-6
     assert torch.allclose(noisy_u, noisy_s / abar.sqrt(), atol=1e-5)
+
+
+def test_pair_levels_match_the_noise_to_signal_ratio():
+    """A pair's level is the one whose (1 - abar) / abar is nearest its mean squared difference: a grid noised like
+    a DDPM sample at level t (without the sqrt(abar) scaling, as emulator steps are not scaled) reads near t."""
+    from hf_models.schedulers import ThermalizerScheduler
+    from trainers.tasks.thermalizer import pair_levels
+
+    scheduler = ThermalizerScheduler(num_train_timesteps=100, s_max=80)
+    abar = scheduler.alphas_cumprod
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(6, 8, 16, 16, generator=gen)
+    t = torch.tensor([0, 5, 20, 40, 60, 90])
+    ratio = ((1 - abar) / abar)[t].view(-1, 1, 1, 1)
+    source = target + ratio.sqrt() * torch.randn(target.shape, generator=gen)
+    levels = pair_levels(source, target, abar)
+    assert (levels - t).abs().max() <= 2, levels
+    assert pair_levels(target, target, abar).tolist() == [0] * 6
+    assert torch.equal(pair_levels(source[[3, 1]], target[[3, 1]], abar), levels[[3, 1]])  # per grid
+
+
+def test_emulator_pairs_replace_their_share_of_the_batch():
+    """With share 1 every grid is an emulator step read at its pair level, and `noisy = sqrt(abar) truth + sqrt(1 -
+    abar) target` holds with the true next frame; with share 0 the batch is untouched; about the share is replaced."""
+    from types import SimpleNamespace
+
+    from hf_models.schedulers import ThermalizerScheduler
+    from trainers.tasks.thermalizer import ThermalizerStage, pair_levels
+
+    scheduler = ThermalizerScheduler(num_train_timesteps=50, s_max=40)
+    gen = torch.Generator().manual_seed(1)
+    truth = torch.randn(300, 3, 4, 4, generator=gen)
+    source = truth + 0.5 * torch.randn(truth.shape, generator=gen)
+    levels = pair_levels(source, truth, scheduler.alphas_cumprod)
+    stage = ThermalizerStage.__new__(ThermalizerStage)
+    args = SimpleNamespace(emulator_pairs=1.0)
+    stage.task = SimpleNamespace(scheduler=scheduler, data_args=args)
+    stage.emulator_pairs = lambda inner: (source, truth, levels)
+    x0 = torch.randn(400, 3, 4, 4, generator=gen)
+    noisy, target, t = x0 * 0.5, torch.randn(x0.shape, generator=gen), torch.randint(0, 50, (400,), generator=gen)
+
+    out, out_target, out_t = stage.pair(None, x0, noisy, target, t, torch.Generator().manual_seed(2))
+    rows = (out.flatten(1)[:, None] == source.flatten(1)[None]).all(-1)  # (400, 300): which pair each grid is
+    assert rows.sum(1).eq(1).all()  # every grid is one emulator step
+    idx = rows.float().argmax(1)
+    assert torch.equal(out_t, levels[idx])
+    abar = scheduler.alphas_cumprod[out_t].view(-1, 1, 1, 1)
+    assert torch.allclose(out, abar.sqrt() * truth[idx] + (1 - abar).sqrt() * out_target, atol=1e-5)
+
+    args.emulator_pairs = 0.0
+    kept = stage.pair(None, x0, noisy, target, t, torch.Generator().manual_seed(2))
+    assert all(a is b for a, b in zip(kept, (noisy, target, t)))
+    args.emulator_pairs = 0.25
+    out, out_target, out_t = stage.pair(None, x0, noisy, target, t, torch.Generator().manual_seed(2))
+    replaced = (out != noisy).flatten(1).any(1)
+    assert 0.15 < replaced.float().mean() < 0.35
+    assert torch.equal(out_target[~replaced], target[~replaced]) and torch.equal(out_t[~replaced], t[~replaced])
 
 
 def test_sigterm_during_the_final_evaluation_stops_it(tiny_run, tmp_path):

@@ -70,12 +70,19 @@ class KolmogorovDataArguments:
     # or stay on the codebook (false), so that a grid's overall amplitude is no cue to its level: emulator states are
     # never scaled, and with scaling the classifier reads strong (high-energy) states as clean
     codebook_substitution_scaled: bool = True
+    # share of the thermalizer's training grids that are one emulator step from a true frame (sampled at
+    # drift_temperature), paired with the true next frame as the clean grid and read at the level whose noise-to-signal
+    # ratio matches their squared error (``pair_levels``): a correction target on the states the thermalizer meets in a
+    # rollout; these grids take no other corruption
+    emulator_pairs: float = 0.0
 
     def __post_init__(self):
         if self.drift_rollout_steps < 1 or self.drift_trajectories < 1:
             raise ConfigError("data.drift_rollout_steps and data.drift_trajectories must be >= 1")
         if not 0.0 <= self.codebook_substitution <= 1.0:
             raise ConfigError(f"data.codebook_substitution={self.codebook_substitution} must lie in [0, 1]")
+        if not 0.0 <= self.emulator_pairs <= 1.0:
+            raise ConfigError(f"data.emulator_pairs={self.emulator_pairs} must lie in [0, 1]")
         if self.frame_size < 4 or self.grid_size % self.frame_size:
             raise ConfigError(f"data.frame_size={self.frame_size} must be >= 4 and divide data.grid_size={self.grid_size}")
         if self.frame_stride < 1 or self.num_frames < 2 * self.frame_stride:
@@ -189,6 +196,15 @@ def substitute_codes(x0, codebook_embeddings, rate, generator):
     replacement = codebook_embeddings[codes].permute(0, 3, 1, 2).to(x0.dtype)
     mask = torch.rand(B, 1, h, w, generator=generator).to(x0.device) < rate.view(B, 1, 1, 1).to(x0.device)
     return torch.where(mask, replacement, x0), mask
+
+
+def pair_levels(source, target, alphas_cumprod) -> torch.LongTensor:
+    """The level of each grid of ``source`` read as a noisy version of ``target`` (both normalized, ``(B, D, h, w)``):
+    the level whose noise-to-signal ratio ``(1 - abar) / abar`` is closest to the mean squared difference per element
+    (a unit-variance signal under the level's noise has that much error: the same rule as ``substitution_rate``)."""
+    mse = ((source - target) ** 2).mean((1, 2, 3))
+    ratio = (1 - alphas_cumprod) / alphas_cumprod
+    return (ratio.to(mse).view(1, -1) - mse.view(-1, 1)).abs().argmin(1)
 
 
 def _weights_key(*folders: Path) -> str:
@@ -726,6 +742,8 @@ class ThermalizerStage(Stage):
         prep = self.task.data_args
         settings = {"weights": key, "steps": prep.drift_rollout_steps, "trajectories": prep.drift_trajectories,
                     "temperature": prep.drift_temperature, "seed": self.task.config.training.seed}
+        if prep.emulator_pairs > 0:
+            settings["pairs"] = True
         if meta.is_file() and json.loads(meta.read_text()) == settings:
             return root
         tmp = root.with_name("embeddings.tmp")
@@ -752,6 +770,18 @@ class ThermalizerStage(Stage):
             "trajectory": torch.arange(len(start)).repeat_interleave(prep.drift_rollout_steps).numpy(),
             "step": torch.arange(1, prep.drift_rollout_steps + 1).repeat(len(start)).numpy(),
         }).save_to_disk(str(tmp / "drifted"))
+        if prep.emulator_pairs > 0:
+            # one emulator step from every true training frame, paired with the true frame it should have predicted
+            codes, stride = self.task.codes("train"), prep.frame_stride
+            source, target = codes[:, :-stride].flatten(0, 1), codes[:, stride:].flatten(0, 1)
+            predicted = torch.cat([emulator.sample_next_frame(source[i: i + 1024].flatten(1), temperature=prep.drift_temperature, generator=gen)
+                                   for i in range(0, len(source), 1024)]).view_as(source)
+            Dataset.from_dict({
+                "source": vq.embed(predicted).numpy(),
+                "target": vq.embed(target).numpy(),
+                "trajectory": torch.arange(codes.shape[0]).repeat_interleave(codes.shape[1] - stride).numpy(),
+                "frame": torch.arange(stride, codes.shape[1]).repeat(codes.shape[0]).numpy(),
+            }).save_to_disk(str(tmp / "pairs"))
         (tmp / "meta.json").write_text(json.dumps(settings))
         shutil.rmtree(root, ignore_errors=True)
         tmp.rename(root)
@@ -810,10 +840,41 @@ class ThermalizerStage(Stage):
             noisy = torch.where(picked.view(-1, 1, 1, 1), alone, noisy)
         return noisy, (noisy - abar.sqrt() * x0) / (1 - abar).sqrt(), t
 
+    def emulator_pairs(self, inner):
+        """``(source, target, level)``: the prepared emulator steps and their true next frames (normalized) and each
+        pair's level (``pair_levels``); loaded once."""
+        cached = getattr(self, "_pairs", None)
+        if cached is not None and cached[0].device == inner.device:
+            return cached
+        from datasets import load_from_disk
+
+        pairs = load_from_disk(str(Path(self.task.output_dir) / "embeddings" / "pairs")).with_format("torch")[:]
+        source, target = (inner.normalize(pairs[k].to(inner.device)).detach() for k in ("source", "target"))
+        levels = pair_levels(source, target, self.task.scheduler.alphas_cumprod.to(inner.device))
+        self._pairs = (source, target, levels)
+        return self._pairs
+
+    def pair(self, inner, x0, noisy, target, t, generator):
+        """Replace a share ``emulator_pairs`` of a corrupted batch by emulator pairs: the grid is the emulator's
+        step, the clean grid the true next frame, the level ``pair_levels`` of the two and the noise target the one
+        that explains the step as a level-``t`` sample of the true frame, ``(x_t - sqrt(abar) x0) / sqrt(1 - abar)``."""
+        share = self.task.data_args.emulator_pairs
+        if share <= 0:
+            return noisy, target, t
+        source, truth, levels = self.emulator_pairs(inner)
+        picked = (torch.rand(len(x0), generator=generator) < share).to(x0.device)
+        idx = torch.randint(0, len(source), (len(x0),), generator=generator).to(x0.device)
+        t = torch.where(picked, levels[idx], t)
+        noisy = torch.where(picked.view(-1, 1, 1, 1), source[idx].to(noisy.dtype), noisy)
+        abar = self.task.scheduler.alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1)
+        paired_target = (noisy - abar.sqrt() * truth[idx].to(x0.dtype)) / (1 - abar).sqrt()
+        return noisy, torch.where(picked.view(-1, 1, 1, 1), paired_target, target), t
+
     def compute_loss(self, model, batch, generator):
         inner = getattr(model, "module", model)
         x0 = inner.normalize(batch["embedding"])
         noisy, noise, t = self.corrupt(inner, x0, generator)
+        noisy, noise, t = self.pair(inner, x0, noisy, noise, t, generator)
         out = model(sample=noisy, noise=noise, timesteps=t)
         return StepOutput(loss=out.loss, logs={"noise_loss": out.noise_loss.item(), "level_loss": out.level_loss.item()},
                           num_items=len(x0))
@@ -852,6 +913,11 @@ class ThermalizerStage(Stage):
             emb = drifted["embedding"][mask].to(accelerator.device)
             levels = torch.cat([inner.predict_level(inner.normalize(emb[i: i + 512])) for i in range(0, len(emb), 512)])
             metrics[f"level_drifted_{name}_mean"] = float(levels.double().mean())
+        if self.task.data_args.emulator_pairs > 0:
+            # the classifier's reading of one emulator step from a true frame, and the level the pairs train it on
+            source, _, levels = self.emulator_pairs(inner)
+            metrics["level_emulator_step_mean"] = float(torch.cat([inner.predict_level(source[i: i + 512]) for i in range(0, len(source), 512)]).double().mean())
+            metrics["level_emulator_step_label_mean"] = float(levels.double().mean())
         self.task.stage_metrics.update({f"thermalizer_{k}": v for k, v in metrics.items()})
         return metrics
 
