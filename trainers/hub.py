@@ -89,6 +89,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
             "median_survival_thermalizer": "the same with the thermalizer",
             "median_survival_noise_control": "the same with the noise-only control (classifier decisions kept, learned denoising replaced by noise)",
             "survival_ratio": "median survival with the thermalizer / emulator alone",
+            "survival_ratio_ci95_low": "lower end of a 95 % paired bootstrap interval of that ratio over the initial conditions",
+            "survival_ratio_ci95_high": "upper end of that interval",
             "spectrum_distance_emulator": "late-window mean |log10 E(k) - log10 E_true(k)|, emulator alone (lower is better)",
             "spectrum_distance_thermalizer": "the same with the thermalizer",
             "spectrum_distance_noise_control": "the same for the noise control",

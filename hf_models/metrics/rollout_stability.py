@@ -13,6 +13,8 @@ like with like: statistics of the emulator's frames against the same statistics 
 - `short_term_correlation`: per step, the pattern (Pearson) correlation between predicted and true frames,
   averaged over trajectories.
 - `codebook_usage_distance`: total-variation distance between two code-usage histograms.
+- `median_ratio_interval`: a paired bootstrap interval for the ratio of two arms' median survivals over the same
+  initial conditions (how far a ratio measured on a few initial conditions can be trusted).
 
 ```python
 from hf_models.metrics.rollout_stability import flow_statistics, statistic_range, survival_steps
@@ -149,3 +151,25 @@ __all__ = [
     "statistic_range",
     "survival_steps",
 ]
+
+
+def median_ratio_interval(numerator, denominator, confidence: float = 0.95, num_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``median(numerator) / median(denominator)`` for per-trajectory survivals of
+    two arms ``(B,)`` from the same initial conditions: trajectories are resampled in pairs (the same indices for
+    both arms), with a seeded generator so the interval is reproducible. A zero median in the denominator counts as
+    1, as in the reported ratio."""
+    numerator = torch.as_tensor(numerator, dtype=torch.float64).flatten()
+    denominator = torch.as_tensor(denominator, dtype=torch.float64).flatten()
+    if numerator.shape != denominator.shape or numerator.numel() == 0:
+        raise ValueError(f"numerator and denominator must be non-empty and of one length (one value per initial "
+                         f"condition), got {tuple(numerator.shape)} and {tuple(denominator.shape)}")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence={confidence!r} must lie in (0, 1)")
+    if num_resamples < 1:
+        raise ValueError(f"num_resamples={num_resamples!r} must be >= 1")
+    idx = torch.randint(0, numerator.numel(), (num_resamples, numerator.numel()), generator=torch.Generator().manual_seed(seed))
+    # the lower median, as torch.median reports it and as the evaluation's ratio uses
+    ratios = numerator[idx].median(1).values / denominator[idx].median(1).values.clamp_min(1.0)
+    tail = (1 - confidence) / 2
+    low, high = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
+    return low, high

@@ -12,6 +12,7 @@ from hf_models.metrics.rollout_stability import (
     flow_statistics,
     histogram_distance,
     mean_spectrum,
+    median_ratio_interval,
     short_term_correlation,
     spectrum_distance,
     statistic_range,
@@ -222,3 +223,42 @@ def test_codebook_usage_distance_rejects_codes_outside_the_codebook():
         codebook_usage_distance([0, 4], [0, 1], 4)
     with pytest.raises(ValueError, match="codebook_size=4"):
         codebook_usage_distance([0, 1], [7], 4)
+
+
+# ------------------------------------------------------------------------------------------------ median_ratio_interval
+def test_median_ratio_interval_resamples_pairs():
+    """Trajectories are resampled in pairs: an arm that survives exactly 10x as long on every initial condition has
+    the interval [10, 10] however spread the survivals are (an unpaired bootstrap would not); a zero median counts
+    as 1 as in the reported ratio."""
+    base = torch.tensor([3, 5, 8, 13, 21, 34, 55, 89, 144, 233, 12, 7, 29, 2, 40, 61])
+    low, high = median_ratio_interval(10 * base, base)
+    assert low == pytest.approx(10) and high == pytest.approx(10)
+    low, high = median_ratio_interval(torch.full((8,), 6), torch.zeros(8))
+    assert low == high == 6
+
+
+def test_median_ratio_interval_covers_the_estimate_and_narrows_with_more_trajectories():
+    gen = torch.Generator().manual_seed(0)
+    emulator = torch.randint(10, 60, (16,), generator=gen)
+    thermalizer = emulator * torch.randint(2, 20, (16,), generator=gen)
+    ratio = float(thermalizer.float().median() / emulator.float().median())
+    low, high = median_ratio_interval(thermalizer, emulator)
+    assert low < ratio < high
+    assert median_ratio_interval(thermalizer, emulator) == (low, high)  # seeded
+    assert median_ratio_interval(thermalizer, emulator, seed=1) != (low, high)
+    narrow = median_ratio_interval(thermalizer, emulator, confidence=0.5)
+    assert low <= narrow[0] <= narrow[1] <= high
+    many = median_ratio_interval(thermalizer.repeat(16), emulator.repeat(16))  # the same sample, 16x the trajectories
+    assert many[1] - many[0] < (high - low) / 2
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(numerator=[1, 2, 3], denominator=[1, 2]), "one length"),
+    (dict(numerator=[], denominator=[]), "non-empty"),
+    (dict(numerator=[1, 2], denominator=[1, 2], confidence=1.0), "confidence"),
+    (dict(numerator=[1, 2], denominator=[1, 2], num_resamples=0), "num_resamples"),
+])
+def test_median_ratio_interval_rejects_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        median_ratio_interval(**kwargs)
+

@@ -95,7 +95,13 @@ def test_prepared_embeddings_are_codebook_vectors(tiny_run):
 def test_evaluation_numbers_are_reproduced_from_the_saved_pipeline(tiny_run):
     """Re-run the emulator-alone and thermalizer arms from the exported pipeline and recompute survival and the
     late-window spectrum distance with the metric functions: they match what the run wrote."""
-    from hf_models.metrics.rollout_stability import flow_statistics, spectrum_distance, statistic_range, survival_steps
+    from hf_models.metrics.rollout_stability import (
+        flow_statistics,
+        median_ratio_interval,
+        spectrum_distance,
+        statistic_range,
+        survival_steps,
+    )
     from hf_models.pipelines import ThermalizedRolloutPipeline
     from trainers.arguments import load_config
     from trainers.tasks.thermalizer import KolmogorovDataArguments
@@ -115,11 +121,16 @@ def test_evaluation_numbers_are_reproduced_from_the_saved_pipeline(tiny_run):
         s = flow_statistics(out.frames[:, 1:])
         survival = torch.stack([survival_steps(s[k], *ranges[k], stopped_at=out.stopped_at) for k in ranges]).amin(0)
         assert float(survival.float().median()) == results[f"median_survival_{arm}"], arm
+        assert survival.tolist() == results[f"survival_{arm}"], arm  # per initial condition
         late = out.frames[:, -10:]
         late = late[torch.isfinite(late).flatten(1).all(1)]
         if len(late):
             assert abs(spectrum_distance(late, data["test"]) - results[f"spectrum_distance_{arm}"]) < 1e-9, arm
         assert abs(out.fired.float().mean().item() - results[f"fire_rate_{arm}"]) < 1e-9
+    # the ratio's bootstrap interval is the one of those per-initial-condition survivals
+    low, high = results["survival_ratio_ci95_low"], results["survival_ratio_ci95_high"]
+    assert [low, high] == list(median_ratio_interval(results["survival_thermalizer"], results["survival_emulator"]))
+    assert low <= high
 
 
 def test_bad_thermalizer_config_fails_before_training(tmp_path):

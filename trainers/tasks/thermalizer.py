@@ -430,6 +430,7 @@ class ThermalizerTask(Task):
             codebook_usage_distance,
             flow_statistics,
             histogram_distance,
+            median_ratio_interval,
             short_term_correlation,
             spectrum_distance,
             statistic_range,
@@ -479,6 +480,7 @@ class ThermalizerTask(Task):
             late_valid = torch.isfinite(late).flatten(1).all(1)
             corr = short_term_correlation(frames[:, 1: num_truth + 1], truth_steps[:, 1: num_truth + 1])
             results.update({
+                f"survival_{arm}": survival.tolist(),  # per initial condition
                 f"median_survival_{arm}": float(survival.float().median()),
                 f"mean_survival_{arm}": float(survival.float().mean()),
                 f"survived_full_rollout_{arm}": int((survival == ev.rollout_steps).sum()),
@@ -497,6 +499,9 @@ class ThermalizerTask(Task):
         results["spectrum_distance_emulator_early"] = spectrum_distance(early, test)
         results["enstrophy_histogram_distance_emulator_early"] = histogram_distance(flow_statistics(early)["enstrophy"], test_enstrophy)
         results["survival_ratio"] = results["median_survival_thermalizer"] / max(results["median_survival_emulator"], 1.0)
+        # how far the ratio can be trusted on this many initial conditions: a paired bootstrap over them
+        low, high = median_ratio_interval(curves["thermalizer"]["survival"], curves["emulator"]["survival"])
+        results["survival_ratio_ci95_low"], results["survival_ratio_ci95_high"] = low, high
         results["survival_ratio_noise_control"] = results["median_survival_noise_control"] / max(results["median_survival_emulator"], 1.0)
         results.update({k: v for k, v in self.stage_metrics.items()})
         if out is not None:
