@@ -141,18 +141,6 @@ def codebook_usage_distance(codes, reference_codes, codebook_size: int) -> float
     return float(0.5 * (hist / hist.sum() - ref / ref.sum()).abs().sum())
 
 
-__all__ = [
-    "codebook_usage_distance",
-    "flow_statistics",
-    "histogram_distance",
-    "mean_spectrum",
-    "short_term_correlation",
-    "spectrum_distance",
-    "statistic_range",
-    "survival_steps",
-]
-
-
 def median_ratio_interval(numerator, denominator, confidence: float = 0.95, num_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of ``median(numerator) / median(denominator)`` for per-trajectory survivals of
     two arms ``(B,)`` from the same initial conditions: trajectories are resampled in pairs (the same indices for
@@ -173,3 +161,17 @@ def median_ratio_interval(numerator, denominator, confidence: float = 0.95, num_
     tail = (1 - confidence) / 2
     low, high = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
     return low, high
+
+
+__all__ = [
+    "codebook_usage_distance",
+    "flow_statistics",
+    "histogram_distance",
+    "mean_spectrum",
+    "median_ratio_interval",
+    "short_term_correlation",
+    "spectrum_distance",
+    "statistic_range",
+    "survival_steps",
+]
+

@@ -391,7 +391,7 @@ def test_emulator_pairs_replace_their_share_of_the_batch():
     stage = ThermalizerStage.__new__(ThermalizerStage)
     args = SimpleNamespace(emulator_pairs=1.0)
     stage.task = SimpleNamespace(scheduler=scheduler, data_args=args)
-    stage.emulator_pairs = lambda inner: (source, truth, levels)
+    stage.prepared_pairs = lambda inner: (source, truth, levels)
     x0 = torch.randn(400, 3, 4, 4, generator=gen)
     noisy, target, t = x0 * 0.5, torch.randn(x0.shape, generator=gen), torch.randint(0, 50, (400,), generator=gen)
 

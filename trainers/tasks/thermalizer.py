@@ -845,7 +845,7 @@ class ThermalizerStage(Stage):
             noisy = torch.where(picked.view(-1, 1, 1, 1), alone, noisy)
         return noisy, (noisy - abar.sqrt() * x0) / (1 - abar).sqrt(), t
 
-    def emulator_pairs(self, inner):
+    def prepared_pairs(self, inner):
         """``(source, target, level)``: the prepared emulator steps and their true next frames (normalized) and each
         pair's level (``pair_levels``); loaded once."""
         cached = getattr(self, "_pairs", None)
@@ -866,7 +866,7 @@ class ThermalizerStage(Stage):
         share = self.task.data_args.emulator_pairs
         if share <= 0:
             return noisy, target, t
-        source, truth, levels = self.emulator_pairs(inner)
+        source, truth, levels = self.prepared_pairs(inner)
         picked = (torch.rand(len(x0), generator=generator) < share).to(x0.device)
         idx = torch.randint(0, len(source), (len(x0),), generator=generator).to(x0.device)
         t = torch.where(picked, levels[idx], t)
@@ -920,7 +920,7 @@ class ThermalizerStage(Stage):
             metrics[f"level_drifted_{name}_mean"] = float(levels.double().mean())
         if self.task.data_args.emulator_pairs > 0:
             # the classifier's reading of one emulator step from a true frame, and the level the pairs train it on
-            source, _, levels = self.emulator_pairs(inner)
+            source, _, levels = self.prepared_pairs(inner)
             metrics["level_emulator_step_mean"] = float(torch.cat([inner.predict_level(source[i: i + 512]) for i in range(0, len(source), 512)]).double().mean())
             metrics["level_emulator_step_label_mean"] = float(levels.double().mean())
         self.task.stage_metrics.update({f"thermalizer_{k}": v for k, v in metrics.items()})
