@@ -26,6 +26,7 @@ steps = survival_steps(stats["enstrophy"], low, high)  # (B,) int64
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -142,25 +143,30 @@ def codebook_usage_distance(codes, reference_codes, codebook_size: int) -> float
 
 
 def median_ratio_interval(numerator, denominator, confidence: float = 0.95, num_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``median(numerator) / median(denominator)`` for per-trajectory survivals of
-    two arms ``(B,)`` from the same initial conditions: trajectories are resampled in pairs (the same indices for
-    both arms), with a seeded generator so the interval is reproducible. A zero median in the denominator counts as
-    1, as in the reported ratio."""
-    numerator = torch.as_tensor(numerator, dtype=torch.float64).flatten()
-    denominator = torch.as_tensor(denominator, dtype=torch.float64).flatten()
-    if numerator.shape != denominator.shape or numerator.numel() == 0:
+    """Percentile bootstrap interval (``scipy.stats.bootstrap``) of ``median(numerator) / median(denominator)`` for
+    per-trajectory survivals of two arms ``(B,)`` from the same initial conditions: trajectories are resampled in
+    pairs (``paired=True``: the same indices for both arms), with a seeded generator so the interval is
+    reproducible. Medians are the lower median and a zero median in the denominator counts as 1, as in the reported
+    ratio."""
+    from scipy.stats import bootstrap
+
+    numerator = np.asarray(numerator, dtype=np.float64).ravel()
+    denominator = np.asarray(denominator, dtype=np.float64).ravel()
+    if numerator.shape != denominator.shape or numerator.size == 0:
         raise ValueError(f"numerator and denominator must be non-empty and of one length (one value per initial "
-                         f"condition), got {tuple(numerator.shape)} and {tuple(denominator.shape)}")
+                         f"condition), got {numerator.shape} and {denominator.shape}")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence={confidence!r} must lie in (0, 1)")
     if num_resamples < 1:
         raise ValueError(f"num_resamples={num_resamples!r} must be >= 1")
-    idx = torch.randint(0, numerator.numel(), (num_resamples, numerator.numel()), generator=torch.Generator().manual_seed(seed))
-    # the lower median, as torch.median reports it and as the evaluation's ratio uses
-    ratios = numerator[idx].median(1).values / denominator[idx].median(1).values.clamp_min(1.0)
-    tail = (1 - confidence) / 2
-    low, high = torch.quantile(ratios, torch.tensor([tail, 1 - tail], dtype=torch.float64)).tolist()
-    return low, high
+
+    def ratio(a, b, axis=-1):
+        lower_median = functools.partial(np.quantile, q=0.5, method="lower", axis=axis)
+        return lower_median(a) / np.maximum(lower_median(b), 1.0)
+
+    result = bootstrap((numerator, denominator), ratio, paired=True, vectorized=True, n_resamples=num_resamples,
+                       confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 
 __all__ = [
