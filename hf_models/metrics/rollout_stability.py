@@ -180,4 +180,3 @@ __all__ = [
     "statistic_range",
     "survival_steps",
 ]
-
