@@ -273,6 +273,19 @@ def test_render_model_card_reads_eval_results_and_config(output_dir):
     assert f'from_pretrained("{repo_id}")' in card.text
 
 
+@pytest.mark.parametrize("decoding, words", [(None, "in parallel in one forward pass"),
+                                              ("parallel", "in parallel in one forward pass"),
+                                              ("autoregressive", "code by code")])
+def test_thermalizer_card_says_how_the_emulator_draws_a_frame(tmp_path, decoding, words):
+    from trainers.hub import render_model_card
+
+    emulator = {} if decoding is None else {"frame_decoding": decoding}
+    card = render_model_card(tmp_path, "thermalizer", eval_results={}, config={"task": "thermalizer", "model": {"emulator": emulator}})
+    assert words in card.text
+    other = "code by code" if words != "code by code" else "in parallel in one"
+    assert other not in card.text
+
+
 # -- the server on its own, over plain HTTP ------------------------------------------------------------------------
 def _request(url, method="GET", data=None, headers=None):
     req = urllib.request.Request(url, method=method, data=data, headers=headers or {})

@@ -309,6 +309,7 @@ def render_model_card(
         "metrics": rows,
         "samples": samples,
         "config_yaml": config_yaml,
+        "model_config": dict(config.get("model") or {}) if isinstance(config, dict) else {},  # for family templates
         "train_command": "accelerate launch -m trainers.train config.yaml",
         "components": _components(output_dir, defaults.get("components", [])),
         "model_description": "",

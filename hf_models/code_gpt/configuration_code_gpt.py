@@ -4,6 +4,7 @@ from transformers import LlamaConfig
 
 
 INVALID_CODE_POLICIES = ("error", "map")
+FRAME_DECODINGS = ("parallel", "autoregressive")
 
 
 class CodeGPTConfig(LlamaConfig):
@@ -37,6 +38,11 @@ class CodeGPTConfig(LlamaConfig):
         class_dropout_prob (`float`, *optional*, defaults to 0.1):
             Fraction of class tokens replaced by the null class token during training (classifier-free guidance).
             Applied by the data collator / trainer, not by the model.
+        frame_decoding (`str`, *optional*, defaults to `"parallel"`):
+            How next-frame emulation (`next_frame_logits`, `sample_next_frame`) draws a frame's codes from the current
+            frame's: `"parallel"`, every code independently in one forward pass over `[BOS] c_t [EOS] c_t`;
+            `"autoregressive"`, code by code over `[BOS] c_t [EOS] c_{t+1}` with `generate()` and its KV cache, so
+            the codes of a frame are drawn jointly (each sees the codes already drawn). Unused by image generation.
         max_context (`int`, *optional*):
             Longest context `generate_codes` feeds the model (sliding window); defaults to
             `max_position_embeddings`.
@@ -57,6 +63,7 @@ class CodeGPTConfig(LlamaConfig):
         num_codes=49,
         invalid_code_policy="error",
         class_dropout_prob=0.1,
+        frame_decoding="parallel",
         max_context=None,
         hidden_size=512,
         intermediate_size=2048,
@@ -75,6 +82,8 @@ class CodeGPTConfig(LlamaConfig):
             raise ValueError(
                 f"invalid_code_policy={invalid_code_policy!r} is invalid: expected one of {INVALID_CODE_POLICIES}"
             )
+        if frame_decoding not in FRAME_DECODINGS:
+            raise ValueError(f"frame_decoding={frame_decoding!r} is invalid: expected one of {FRAME_DECODINGS}")
         if not 0.0 <= class_dropout_prob < 1.0:
             raise ValueError(f"class_dropout_prob={class_dropout_prob!r} is invalid: expected 0 <= p < 1")
         if not isinstance(max_position_embeddings, int) or max_position_embeddings < 2:
@@ -117,6 +126,7 @@ class CodeGPTConfig(LlamaConfig):
         self.num_codes = num_codes
         self.invalid_code_policy = invalid_code_policy
         self.class_dropout_prob = float(class_dropout_prob)
+        self.frame_decoding = frame_decoding
         self.max_context = max_context
         super().__init__(
             hidden_size=hidden_size,

@@ -189,43 +189,74 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
         return sequence[:, prompt.shape[1] :].contiguous()
 
     # ---------------------------------------------------------------- next-frame emulation
-    def frame_pair_input_ids(self, codes: torch.LongTensor) -> torch.LongTensor:
-        """Emulator input `[BOS] c_t [EOS] c_t` `(B, 2 n + 2)` from the current frame's codes `c_t` `(B, n)`.
+    def _check_frame_codes(self, codes, name: str = "codes") -> torch.LongTensor:
+        config = self.config
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.is_floating_point():
+            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes)
+            raise ValueError(f"{name} must be an integer tensor of shape (batch, num_codes={config.num_codes}), got {shape}")
+        if codes.shape[1] != config.num_codes:
+            raise ValueError(f"{name} has {codes.shape[1]} codes per frame, config.num_codes={config.num_codes}")
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= config.codebook_size:
+            raise ValueError(f"{name} must lie in [0, codebook_size={config.codebook_size}), got values in [{low}, {high}]")
+        return codes.long().to(self.device)
 
-        The second copy of `c_t` holds the queries: the logits at its position `j` predict code `j` of the next frame.
-        Causal attention lets every query see the whole current frame (the first copy) and its own current code, so a
-        frame's `n` codes are predicted in parallel in one forward pass.
+    def frame_pair_input_ids(self, codes: torch.LongTensor, next_codes: Optional[torch.LongTensor] = None) -> torch.LongTensor:
+        """Emulator input from the current frame's codes `c_t` `(B, n)`; the logits at its last `n` positions predict
+        the next frame's codes.
+
+        - `config.frame_decoding="parallel"`: `[BOS] c_t [EOS] c_t` `(B, 2 n + 2)`. The second copy of `c_t` holds
+          the queries: the logits at its position `j` predict code `j` of the next frame. Causal attention lets every
+          query see the whole current frame (the first copy) and its own current code, so a frame's `n` codes are
+          predicted in parallel in one forward pass. `next_codes` is not part of this input and must be `None`.
+        - `"autoregressive"`: `[BOS] c_t [EOS] c_{t+1}[:-1]` `(B, 2 n + 1)` with the next frame's codes `next_codes`
+          (teacher forcing; required): code `j` of the next frame is predicted from the current frame and the next
+          frame's codes before `j`, as `generate()` draws them in `sample_next_frame`.
         """
         config = self.config
         if config.num_classes != 0:
             raise ValueError(f"next-frame emulation needs an unconditional model (num_classes=0), got num_classes={config.num_classes}")
-        if not isinstance(codes, torch.Tensor) or codes.dim() != 2 or codes.is_floating_point():
-            shape = tuple(codes.shape) if isinstance(codes, torch.Tensor) else type(codes)
-            raise ValueError(f"codes must be an integer tensor of shape (batch, num_codes={config.num_codes}), got {shape}")
-        if codes.shape[1] != config.num_codes:
-            raise ValueError(f"codes has {codes.shape[1]} codes per frame, config.num_codes={config.num_codes}")
         if 2 * config.num_codes + 2 > config.max_position_embeddings:
             raise ValueError(f"next-frame emulation needs max_position_embeddings >= 2 * num_codes + 2 = {2 * config.num_codes + 2}, got {config.max_position_embeddings}")
-        low, high = int(codes.min()), int(codes.max())
-        if low < 0 or high >= config.codebook_size:
-            raise ValueError(f"codes must lie in [0, codebook_size={config.codebook_size}), got values in [{low}, {high}]")
-        codes = codes.long().to(self.device)
+        codes = self._check_frame_codes(codes)
         bos = torch.full_like(codes[:, :1], config.bos_token_id)
         sep = torch.full_like(codes[:, :1], config.eos_token_id)
-        return torch.cat([bos, codes, sep, codes], dim=1)
+        if config.frame_decoding == "parallel":
+            if next_codes is not None:
+                raise ValueError("next_codes must be None with frame_decoding='parallel': the next frame's codes are "
+                                 "predicted from the current frame alone")
+            return torch.cat([bos, codes, sep, codes], dim=1)
+        if next_codes is None:
+            raise ValueError("next_codes (the next frame's codes, teacher forcing) are required with "
+                             "frame_decoding='autoregressive'; sample_next_frame draws them")
+        next_codes = self._check_frame_codes(next_codes, "next_codes")
+        if next_codes.shape[0] != codes.shape[0]:
+            raise ValueError(f"next_codes has {next_codes.shape[0]} rows, codes has {codes.shape[0]}")
+        return torch.cat([bos, codes, sep, next_codes[:, :-1]], dim=1)
 
-    def next_frame_logits(self, codes: torch.LongTensor) -> torch.FloatTensor:
-        """Logits `(B, n, codebook_size)` of the next frame's codes given the current frame's codes `(B, n)`
-        (one forward pass, see `frame_pair_input_ids`). Train with cross-entropy against the next frame's codes."""
-        logits = self(input_ids=self.frame_pair_input_ids(codes), logits_to_keep=self.config.num_codes).logits
+    def next_frame_logits(self, codes: torch.LongTensor, next_codes: Optional[torch.LongTensor] = None) -> torch.FloatTensor:
+        """Logits `(B, n, codebook_size)` of the next frame's codes given the current frame's codes `(B, n)` in one
+        forward pass (see `frame_pair_input_ids`; `next_codes` only with `frame_decoding="autoregressive"`, where
+        code `j`'s logits are conditioned on `next_codes[:, :j]`). Train with cross-entropy against the next frame's
+        codes."""
+        logits = self(input_ids=self.frame_pair_input_ids(codes, next_codes), logits_to_keep=self.config.num_codes).logits
         return logits[..., : self.config.codebook_size]
 
     @torch.no_grad()
     def sample_next_frame(self, codes: torch.LongTensor, temperature: float = 1.0,
                           generator: Optional[torch.Generator] = None) -> torch.LongTensor:
-        """Draw the next frame's codes `(B, n)`: every code independently from its softmax at `temperature`
-        (`temperature=0` takes the argmax). Randomness only from `generator`."""
-        return self.sample_from_frame_logits(self.next_frame_logits(codes), temperature, generator)
+        """Draw the next frame's codes `(B, n)` at `temperature` (`temperature=0` takes the argmax); randomness only
+        from `generator`. With `frame_decoding="parallel"` every code is drawn independently from its softmax (one
+        forward pass); with `"autoregressive"` the codes are drawn one after the other by `generate()` (KV cache,
+        transformers' logits processors), each conditioned on the ones before it."""
+        if self.config.frame_decoding == "parallel":
+            return self.sample_from_frame_logits(self.next_frame_logits(codes), temperature, generator)
+        if not temperature >= 0:
+            raise ValueError(f"temperature={temperature!r} is invalid: expected a number >= 0 (0 = argmax)")
+        # [BOS] c_t [EOS]: the prompt of the autoregressive input (checked by frame_pair_input_ids)
+        prompt = self.frame_pair_input_ids(codes, codes)[:, : self.config.num_codes + 2]
+        return self._generate_chunk(prompt, self.config.num_codes, temperature if temperature > 0 else None, None,
+                                    None, None, generator, True)
 
     @staticmethod
     def frame_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.FloatTensor:
@@ -240,7 +271,8 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
     @staticmethod
     def sample_from_frame_logits(logits: torch.Tensor, temperature: float = 1.0,
                                  generator: Optional[torch.Generator] = None) -> torch.LongTensor:
-        """Codes `(B, n)` drawn independently from next-frame logits `(B, n, K)` (see `sample_next_frame`)."""
+        """Codes `(B, n)` drawn independently from next-frame logits `(B, n, K)` (the parallel decoding of
+        `sample_next_frame`)."""
         probs = CodeGPTForCausalLM.frame_probabilities(logits, temperature)
         if temperature == 0:
             return probs.argmax(-1)
@@ -266,13 +298,14 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
                 )
             )
         processors.append(CodeGPTCodeOnlyLogitsProcessor(config.codebook_size))
-        if temperature != 1.0:
+        if temperature is not None and temperature != 1.0:
             processors.append(TemperatureLogitsWarper(float(temperature)))
         if top_k is not None:
             processors.append(TopKLogitsWarper(top_k=min(top_k, config.codebook_size)))
         if top_p is not None and top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p=float(top_p)))
-        processors.append(CodeGPTMultinomialLogitsProcessor(generator))  # last: draws the token
+        if temperature is not None:  # None: greedy (argmax over the codes)
+            processors.append(CodeGPTMultinomialLogitsProcessor(generator))  # last: draws the token
         if callback is not None:
             processors.append(_ProgressLogitsProcessor(callback, done))
 

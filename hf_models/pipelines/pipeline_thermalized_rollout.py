@@ -42,7 +42,8 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
     r"""
     Autoregressive rollout of a token-space emulator, stabilised by a thermalizer in the codebook's embedding space.
 
-    Per step: codes `c_t` -> `emulator.sample_next_frame` (all codes of the next frame in one forward pass) ->
+    Per step: codes `c_t` -> `emulator.sample_next_frame` (all codes of the next frame in one forward pass, or code
+    by code with `generate()` for an emulator with `frame_decoding="autoregressive"`) ->
     codebook lookup (`vq_tokenizer.embed`) -> the thermalizer's classifier predicts the embedding grid's noise level
     `s`; if `s > s_init` the scheduler denoises it from `s` to `s_stop` with the thermalizer's noise predictor; if
     `s > s_max` the trajectory is stopped (flag in `stopped_at`) -> re-quantization to the nearest codebook vectors
@@ -187,11 +188,15 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                 if len(rows) == 0:
                     progress_bar.update(num_steps - step)
                     break
-                logits = self.emulator.next_frame_logits(current[rows])
-                new = self.emulator.sample_from_frame_logits(logits, temperature, generator)
+                new = self.emulator.sample_next_frame(current[rows], temperature, generator)
                 if thermalize or track_levels:
                     therm_device = self.thermalizer.device
                     if thermalizer_input == "expected":
+                        # the emulator's distributions of the drawn frame's codes (autoregressive decoding: each
+                        # conditioned on the codes drawn before it; the logits are a pure function of the inputs, so
+                        # recomputing them draws no random numbers)
+                        teacher = new if self.emulator.config.frame_decoding == "autoregressive" else None
+                        logits = self.emulator.next_frame_logits(current[rows], teacher)
                         probs = self.emulator.frame_probabilities(logits, temperature)  # (b, n, K)
                         codebook = self.vq_tokenizer.embed(torch.arange(probs.shape[-1], device=self.vq_tokenizer.device).view(1, 1, -1))
                         expected = probs.to(codebook) @ codebook[0, :, 0].T  # (b, n, D)

@@ -98,6 +98,7 @@ def test_config_round_trip_and_auto(tmp_path):
         ("max_context", 1),
         ("max_context", 2048),
         ("num_attention_heads", 5),
+        ("frame_decoding", "raster"),
     ],
 )
 def test_config_validation(field, value):
@@ -354,3 +355,95 @@ def test_generate_codes_callback_counts_every_position_across_windows():
                                      generator=torch.Generator().manual_seed(0))
         assert codes.shape == (2, 12)
         assert seen == list(range(1, 13)), (max_context, seen)
+
+
+# ------------------------------------------------------------------------------------------- next-frame emulation
+def emulator(frame_decoding, seed=0):
+    return tester.get_model(seed=seed, num_classes=0, class_dropout_prob=0.0, frame_decoding=frame_decoding)
+
+
+def frame_codes(config, batch=3, seed=0):
+    return torch.randint(0, config.codebook_size, (batch, config.num_codes), generator=torch.Generator().manual_seed(seed))
+
+
+def test_autoregressive_frame_logits_are_causal_in_the_next_frame():
+    """Code j's teacher-forced logits depend on the next frame's codes before j only, and on the current frame."""
+    model = emulator("autoregressive")
+    config = model.config
+    current, target = frame_codes(config, seed=1), frame_codes(config, seed=2)
+    ids = model.frame_pair_input_ids(current, target)
+    assert ids.shape == (3, 2 * config.num_codes + 1)
+    assert torch.equal(ids[:, 1 : config.num_codes + 1], current) and torch.equal(ids[:, config.num_codes + 2 :], target[:, :-1])
+    with torch.no_grad():
+        logits = model.next_frame_logits(current, target)
+        assert logits.shape == (3, config.num_codes, config.codebook_size)
+        j = 4
+        changed = target.clone()
+        changed[:, j:] = (changed[:, j:] + 1) % config.codebook_size
+        other = model.next_frame_logits(current, changed)
+        torch.testing.assert_close(other[:, : j + 1], logits[:, : j + 1])
+        assert not torch.allclose(other[:, j + 1 :], logits[:, j + 1 :])
+        moved = current.clone()
+        moved[:, 0] = (moved[:, 0] + 1) % config.codebook_size
+        assert not torch.allclose(model.next_frame_logits(moved, target)[:, 0], logits[:, 0])
+
+
+def test_autoregressive_sampling_is_sequential_sampling_from_the_teacher_forced_logits():
+    """generate() with the KV cache draws code j from softmax(logits_j / T) given the codes drawn before it, with the
+    caller's generator as the only randomness; temperature 0 is greedy."""
+    model = emulator("autoregressive")
+    config = model.config
+    current = frame_codes(config, seed=3)
+    drawn = model.sample_next_frame(current, temperature=0.8, generator=torch.Generator().manual_seed(5))
+    assert drawn.shape == (3, config.num_codes) and int(drawn.min()) >= 0 and int(drawn.max()) < config.codebook_size
+    again = model.sample_next_frame(current, temperature=0.8, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(drawn, again)
+    other = model.sample_next_frame(current, temperature=0.8, generator=torch.Generator().manual_seed(6))
+    assert not torch.equal(drawn, other)
+    g = torch.Generator().manual_seed(5)
+    manual = torch.zeros_like(current)
+    with torch.no_grad():
+        for j in range(config.num_codes):
+            probs = torch.softmax(model.next_frame_logits(current, manual)[:, j].float() / 0.8, -1)
+            # over the whole vocabulary, as generate() sees it (the special tokens at probability 0)
+            probs = torch.nn.functional.pad(probs, (0, config.vocab_size - config.codebook_size))
+            manual[:, j] = torch.multinomial(probs, 1, generator=g)[:, 0]
+    assert torch.equal(manual, drawn)
+    greedy = model.sample_next_frame(current, temperature=0)
+    with torch.no_grad():
+        assert torch.equal(model.next_frame_logits(current, greedy).argmax(-1), greedy)
+
+
+def test_parallel_frame_decoding_draws_each_code_from_its_own_softmax():
+    model = emulator("parallel")
+    current = frame_codes(model.config, seed=4)
+    drawn = model.sample_next_frame(current, temperature=0.8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        probs = torch.softmax(model.next_frame_logits(current).float() / 0.8, -1)
+    expected = torch.multinomial(probs.flatten(0, 1), 1, generator=torch.Generator().manual_seed(1)).view(drawn.shape)
+    assert torch.equal(drawn, expected)
+
+
+def test_frame_decoding_input_errors():
+    parallel, autoregressive = emulator("parallel"), emulator("autoregressive")
+    current = frame_codes(parallel.config)
+    with pytest.raises(ValueError, match="next_codes must be None"):
+        parallel.frame_pair_input_ids(current, current)
+    with pytest.raises(ValueError, match="next_codes .* required"):
+        autoregressive.next_frame_logits(current)
+    with pytest.raises(ValueError, match="next_codes has 5 codes"):
+        autoregressive.frame_pair_input_ids(current, current[:, :5])
+    with pytest.raises(ValueError, match="next_codes must lie in"):
+        autoregressive.frame_pair_input_ids(current, current + autoregressive.config.codebook_size)
+    with pytest.raises(ValueError, match="temperature"):
+        autoregressive.sample_next_frame(current, temperature=-1.0)
+
+
+def test_autoregressive_emulator_round_trips_its_decoding(tmp_path):
+    model = emulator("autoregressive")
+    model.save_pretrained(tmp_path)
+    loaded = CodeGPTForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.config.frame_decoding == "autoregressive"
+    current = frame_codes(model.config)
+    assert torch.equal(loaded.sample_next_frame(current, generator=torch.Generator().manual_seed(0)),
+                       model.sample_next_frame(current, generator=torch.Generator().manual_seed(0)))

@@ -41,14 +41,14 @@ def thermalizer_model(**overrides):
     return model
 
 
-def small_pipe(frame_scale=1.0, **thermalizer_overrides):
+def small_pipe(frame_scale=1.0, frame_decoding="parallel", **thermalizer_overrides):
     torch.manual_seed(0)
     vq = vq_model()
     std = float(vq.quantizer.codebook.std())  # normalized embeddings of about unit scale, as in training
     therm = thermalizer_model(**{"data_mean": [0.0] * 8, "data_std": [std] * 8, **thermalizer_overrides})
     pipe = ThermalizedRolloutPipeline(
         vq_tokenizer=vq,
-        emulator=emulator_model(),
+        emulator=emulator_model(frame_decoding=frame_decoding),
         thermalizer=therm,
         scheduler=ThermalizerScheduler(num_train_timesteps=T, s_init=S_INIT, s_stop=S_STOP, s_max=S_MAX),
         frame_scale=frame_scale,
@@ -138,8 +138,9 @@ def test_same_seed_same_rollout_different_seed_differs():
 
 
 # ------------------------------------------------------------------------------------------- the emulator alone
-def test_emulator_only_arm_is_sample_next_frame_step_by_step_and_tracks_the_classifier():
-    pipe = small_pipe()
+@pytest.mark.parametrize("frame_decoding", ["parallel", "autoregressive"])
+def test_emulator_only_arm_is_sample_next_frame_step_by_step_and_tracks_the_classifier(frame_decoding):
+    pipe = small_pipe(frame_decoding=frame_decoding)
     x = frames(3, seed=4)
     out = pipe(x, num_steps=4, thermalize=False, temperature=0.7, generator=gen(3))
     g, _ = streams(3)
@@ -157,14 +158,16 @@ def test_emulator_only_arm_is_sample_next_frame_step_by_step_and_tracks_the_clas
     assert bool((untracked.levels == -1).all()) and torch.equal(untracked.codes, out.codes)
 
 
-def test_temperature_zero_is_the_argmax():
-    pipe = small_pipe()
+@pytest.mark.parametrize("frame_decoding", ["parallel", "autoregressive"])
+def test_temperature_zero_is_the_argmax(frame_decoding):
+    pipe = small_pipe(frame_decoding=frame_decoding)
     x = frames(2)
     out = pipe(x, num_steps=2, thermalize=False, temperature=0.0, generator=gen(0))
     other = pipe(x, num_steps=2, thermalize=False, temperature=0.0, generator=gen(9))
     assert torch.equal(out.codes, other.codes)  # no randomness left
     with torch.no_grad():
-        first = pipe.emulator.next_frame_logits(out.codes[:, 0].flatten(1)).argmax(-1)
+        teacher = out.codes[:, 1].flatten(1) if frame_decoding == "autoregressive" else None
+        first = pipe.emulator.next_frame_logits(out.codes[:, 0].flatten(1), teacher).argmax(-1)
     assert torch.equal(out.codes[:, 1].flatten(1), first)
 
 
@@ -361,11 +364,13 @@ def test_save_and_load_round_trip(tmp_path):
     assert torch.equal(a.codes, b.codes) and torch.equal(a.frames, b.frames)
 
 
-def test_expected_embedding_input():
+@pytest.mark.parametrize("frame_decoding", ["parallel", "autoregressive"])
+def test_expected_embedding_input(frame_decoding):
     """thermalizer_input="expected": the classifier sees sum_k p_k e_k. At temperature 0 (one-hot probabilities) that is
     the sampled code's vector, so everything equals the default; at temperature 1 the levels are the classifier's on
-    the hand-computed expected embedding, and the sampled codes (unfired steps) are the same draws as by default."""
-    pipe = small_pipe()
+    the hand-computed expected embedding, and the sampled codes (unfired steps) are the same draws as by default.
+    With autoregressive decoding the distributions are those of the drawn codes, each given the codes before it."""
+    pipe = small_pipe(frame_decoding=frame_decoding)
     x = frames(3, seed=11)
     a = pipe(x, num_steps=3, temperature=0.0, generator=gen(2))
     b = pipe(x, num_steps=3, temperature=0.0, generator=gen(2), thermalizer_input="expected")
@@ -376,7 +381,8 @@ def test_expected_embedding_input():
     assert torch.equal(out.codes, default.codes)
     vq, therm = pipe.vq_tokenizer, pipe.thermalizer
     with torch.no_grad():
-        probs = torch.softmax(pipe.emulator.next_frame_logits(vq.encode(x[:, None]).flatten(1)).float(), -1)  # (3, 16, K)
+        teacher = out.codes[:, 1].flatten(1) if frame_decoding == "autoregressive" else None
+        probs = torch.softmax(pipe.emulator.next_frame_logits(vq.encode(x[:, None]).flatten(1), teacher).float(), -1)  # (3, 16, K)
         codebook = vq.quantizer.lookup(torch.arange(probs.shape[-1]))  # (K, D)
         expected = (probs @ codebook).transpose(1, 2).reshape(3, -1, 4, 4)
         levels = therm.predict_level(therm.normalize(expected))

@@ -3,7 +3,8 @@
 1. ``vq_tokenizer``: a VQ tokenizer on vorticity frames (the solver's frames, average-pooled to ``data.frame_size``
    and divided by the training set's standard deviation, ``frame_scale``).
 2. ``emulator``: a CodeGPT that predicts the next frame's codes (``data.frame_stride`` solver frames later) from the
-   current frame's, all codes of a frame in parallel in one forward pass (``CodeGPTForCausalLM.next_frame_logits``).
+   current frame's: all codes of a frame in parallel in one forward pass, or code by code with ``generate()``
+   (``model.emulator.frame_decoding``, see ``CodeGPTForCausalLM.sample_next_frame``).
 3. ``thermalizer``: data preparation first (clean embeddings = codebook vectors of the true frames' codes; drifted
    embeddings = codebook vectors along emulator-only rollouts from the training initial conditions, both saved as
    ``datasets.Dataset`` under ``output_dir/embeddings``), then a ``ThermalizerModel`` trained on the clean ones with
@@ -663,7 +664,8 @@ class EmulatorStage(Stage):
     def compute_loss(self, model, batch, generator):
         n = self.task.gpt_config.num_codes
         inner = getattr(model, "module", model)
-        logits = model(input_ids=inner.frame_pair_input_ids(batch["current"]), logits_to_keep=n).logits
+        teacher = batch["target"] if inner.config.frame_decoding == "autoregressive" else None
+        logits = model(input_ids=inner.frame_pair_input_ids(batch["current"], teacher), logits_to_keep=n).logits
         logits = logits[..., : self.task.gpt_config.codebook_size].float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1))
         return StepOutput(loss=loss, num_items=batch["target"].numel())
@@ -677,8 +679,9 @@ class EmulatorStage(Stage):
         same = torch.zeros_like(nll)
         count = torch.zeros_like(nll)
         for batch in dataloader:
-            logits = inner.next_frame_logits(batch["current"]).float()
             target = batch["target"]
+            teacher = target if inner.config.frame_decoding == "autoregressive" else None
+            logits = inner.next_frame_logits(batch["current"], teacher).float()
             nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").double()
             hits += (logits.argmax(-1) == target).sum()
             same += (batch["current"] == target).sum()
