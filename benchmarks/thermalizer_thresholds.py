@@ -49,11 +49,15 @@ def main():
     parser.add_argument("--pairs", type=parse_pair, nargs="+", default=[(25, 10, KEEP), (15, 5, KEEP)], metavar="S_INIT:S_STOP[:K]")
     parser.add_argument("--initial-conditions", type=int, default=32)
     parser.add_argument("--initial-frame", type=int, default=100)
+    parser.add_argument("--rollouts-per-ic", type=int, default=1,
+                        help="independent rollouts from each initial condition (pooled in the medians)")
     parser.add_argument("--steps", type=int, default=400, help="emulator steps per rollout")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--eta", type=float, default=None,
                         help="the scheduler's eta for every row (DDIM steps; default: the run's, DDPM steps if unset)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--results-name", default="thermalizer_thresholds",
+                        help="the figures go to benchmarks/results/NAME.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -64,7 +68,8 @@ def main():
 
     out = Path(args.output_dir)
     overrides = ["--evaluation.initial_split", "train", "--evaluation.initial_frame", str(args.initial_frame),
-                 "--evaluation.num_initial_conditions", str(args.initial_conditions)]
+                 "--evaluation.num_initial_conditions", str(args.initial_conditions),
+                 "--evaluation.rollouts_per_initial_condition", str(args.rollouts_per_ic)]
     try:
         task = load_run_task(out, overrides)
     except ConfigError as err:
@@ -74,7 +79,7 @@ def main():
     pipe.set_progress_bar_config(disable=True)
     saved = pipe.scheduler
     ranges = task.survival_ranges(pipe)
-    initial = task.initial_trajectories()[:, 0]
+    initial = task.rollout_initial_frames()
 
     def arm(thermalize: bool) -> dict:
         start = time.perf_counter()
@@ -112,6 +117,7 @@ def main():
         "initial_split": "train",
         "initial_frame": args.initial_frame,
         "initial_conditions": args.initial_conditions,
+        "rollouts_per_initial_condition": args.rollouts_per_ic,
         "steps": args.steps,
         "seed": args.seed,
         "survival_ranges": {k: list(v) for k, v in ranges.items()},
@@ -119,7 +125,7 @@ def main():
         "pairs": rows,
         "torch": torch.__version__,
     }
-    path = Path(__file__).resolve().parent / "results" / "thermalizer_thresholds.json"
+    path = Path(__file__).resolve().parent / "results" / f"{args.results_name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -142,12 +142,18 @@ def codebook_usage_distance(codes, reference_codes, codebook_size: int) -> float
     return float(0.5 * (hist / hist.sum() - ref / ref.sum()).abs().sum())
 
 
-def median_ratio_interval(numerator, denominator, confidence: float = 0.95, num_resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+def median_ratio_interval(numerator, denominator, confidence: float = 0.95, num_resamples: int = 2000, seed: int = 0,
+                          cluster_size: int = 1) -> tuple[float, float]:
     """Percentile bootstrap interval (``scipy.stats.bootstrap``) of ``median(numerator) / median(denominator)`` for
     per-trajectory survivals of two arms ``(B,)`` from the same initial conditions: trajectories are resampled in
     pairs (``paired=True``: the same indices for both arms), with a seeded generator so the interval is
     reproducible. Medians are the lower median and a zero median in the denominator counts as 1, as in the reported
-    ratio."""
+    ratio.
+
+    With ``cluster_size`` k > 1 the trajectories come in runs of k from one initial condition each (rows
+    ``i*k .. i*k + k - 1``), and the bootstrap resamples initial conditions with all their trajectories (a cluster
+    bootstrap): rollouts from one initial condition are not independent, so resampling them one by one would make
+    the interval too narrow."""
     from scipy.stats import bootstrap
 
     numerator = np.asarray(numerator, dtype=np.float64).ravel()
@@ -159,13 +165,25 @@ def median_ratio_interval(numerator, denominator, confidence: float = 0.95, num_
         raise ValueError(f"confidence={confidence!r} must lie in (0, 1)")
     if num_resamples < 1:
         raise ValueError(f"num_resamples={num_resamples!r} must be >= 1")
+    if isinstance(cluster_size, bool) or not isinstance(cluster_size, int) or cluster_size < 1 or numerator.size % cluster_size:
+        raise ValueError(f"cluster_size={cluster_size!r} must be an int >= 1 that divides the {numerator.size} trajectories")
 
     def ratio(a, b, axis=-1):
         lower_median = functools.partial(np.quantile, q=0.5, method="lower", axis=axis)
         return lower_median(a) / np.maximum(lower_median(b), 1.0)
 
-    result = bootstrap((numerator, denominator), ratio, paired=True, vectorized=True, n_resamples=num_resamples,
-                       confidence_level=confidence, method="percentile", rng=np.random.default_rng(seed))
+    options = dict(n_resamples=num_resamples, confidence_level=confidence, method="percentile",
+                   rng=np.random.default_rng(seed))
+    if cluster_size == 1:
+        result = bootstrap((numerator, denominator), ratio, paired=True, vectorized=True, **options)
+    else:
+        num, den = numerator.reshape(-1, cluster_size), denominator.reshape(-1, cluster_size)
+
+        def clustered(index, axis=-1):  # index: resampled initial conditions (..., n)
+            index = np.asarray(index).astype(np.int64)
+            return ratio(num[index].reshape(*index.shape[:-1], -1), den[index].reshape(*index.shape[:-1], -1))
+
+        result = bootstrap((np.arange(len(num)),), clustered, vectorized=True, **options)
     return float(result.confidence_interval.low), float(result.confidence_interval.high)
 
 

@@ -251,11 +251,33 @@ def test_median_ratio_interval_covers_the_estimate_and_narrows_with_more_traject
     assert many[1] - many[0] < (high - low) / 2
 
 
+def test_median_ratio_interval_cluster_bootstrap_resamples_initial_conditions():
+    """k rollouts per initial condition (rows i*k .. i*k + k - 1): with cluster_size=k the bootstrap resamples
+    initial conditions with all their rollouts. Copies of one sample k times over carry no more information than the
+    sample: the cluster interval stays about as wide as the sample's own, while treating the copies as independent
+    rollouts shrinks it; pairing still holds within clusters."""
+    gen = torch.Generator().manual_seed(0)
+    emulator = torch.randint(10, 60, (16,), generator=gen)
+    thermalizer = emulator * torch.randint(2, 20, (16,), generator=gen)
+    low, high = median_ratio_interval(thermalizer, emulator)
+    copies = thermalizer.repeat_interleave(8), emulator.repeat_interleave(8)
+    clustered = median_ratio_interval(*copies, cluster_size=8)
+    naive = median_ratio_interval(*copies)
+    assert clustered[0] <= float(thermalizer.float().median() / emulator.float().median()) <= clustered[1]
+    assert (clustered[1] - clustered[0]) > 0.6 * (high - low)
+    assert (naive[1] - naive[0]) < 0.5 * (clustered[1] - clustered[0])
+    assert median_ratio_interval(*copies, cluster_size=8) == clustered  # seeded
+    spread = torch.randint(1, 300, (16 * 4,), generator=gen)
+    assert median_ratio_interval(10 * spread, spread, cluster_size=4) == pytest.approx((10.0, 10.0))
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(numerator=[1, 2, 3], denominator=[1, 2]), "one length"),
     (dict(numerator=[], denominator=[]), "non-empty"),
     (dict(numerator=[1, 2], denominator=[1, 2], confidence=1.0), "confidence"),
     (dict(numerator=[1, 2], denominator=[1, 2], num_resamples=0), "num_resamples"),
+    (dict(numerator=[1, 2, 3], denominator=[1, 2, 3], cluster_size=2), "cluster_size"),
+    (dict(numerator=[1, 2], denominator=[1, 2], cluster_size=0), "cluster_size"),
 ])
 def test_median_ratio_interval_rejects_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -39,6 +39,7 @@ def test_tiny_run_writes_pipeline_data_plots_metrics_and_card(tiny_run):
         assert (out / name).is_file(), name
     results = json.loads((out / "eval_results.json").read_text())
     assert results["num_initial_conditions"] == 4 and results["rollout_steps"] == 30
+    assert results["rollouts_per_initial_condition"] == 2 and results["num_rollouts"] == 8
     for arm in ARMS:
         assert 0 <= results[f"median_survival_{arm}"] <= 30
         assert len(results[f"short_term_correlation_{arm}"]) == 3
@@ -117,19 +118,21 @@ def test_evaluation_numbers_are_reproduced_from_the_saved_pipeline(tiny_run):
     ranges = {k: statistic_range(stats[k], 0.1) for k in ("enstrophy", "energy")}
     assert [list(v) for v in ranges.values()] == [results["survival_ranges"][k] for k in ranges]
     for arm in ("emulator", "thermalizer"):
-        out = pipe(data["test"][:4, 0], num_steps=30, thermalize=arm != "emulator", generator=torch.Generator().manual_seed(0))
+        initial = data["test"][:4, 0].repeat_interleave(2, 0)  # 2 rollouts per initial condition, in a row
+        out = pipe(initial, num_steps=30, thermalize=arm != "emulator", generator=torch.Generator().manual_seed(0))
         s = flow_statistics(out.frames[:, 1:])
         survival = torch.stack([survival_steps(s[k], *ranges[k], stopped_at=out.stopped_at) for k in ranges]).amin(0)
         assert float(survival.float().median()) == results[f"median_survival_{arm}"], arm
-        assert survival.tolist() == results[f"survival_{arm}"], arm  # per initial condition
+        assert survival.tolist() == results[f"survival_{arm}"], arm  # per rollout
         late = out.frames[:, -10:]
         late = late[torch.isfinite(late).flatten(1).all(1)]
         if len(late):
             assert abs(spectrum_distance(late, data["test"]) - results[f"spectrum_distance_{arm}"]) < 1e-9, arm
         assert abs(out.fired.float().mean().item() - results[f"fire_rate_{arm}"]) < 1e-9
-    # the ratio's bootstrap interval is the one of those per-initial-condition survivals
+    # the ratio's bootstrap interval is the one of those survivals, resampling initial conditions with their rollouts
     low, high = results["survival_ratio_ci95_low"], results["survival_ratio_ci95_high"]
-    assert [low, high] == list(median_ratio_interval(results["survival_thermalizer"], results["survival_emulator"]))
+    assert [low, high] == list(median_ratio_interval(results["survival_thermalizer"], results["survival_emulator"],
+                                                     cluster_size=2))
     assert low <= high
 
 
@@ -140,7 +143,9 @@ def test_bad_thermalizer_config_fails_before_training(tmp_path):
                             (["--evaluation.initial_split", "valid"], ["initial_split", "test, train"]),
                             (["--evaluation.initial_split", "train", "--evaluation.num_initial_conditions", "9"],
                              ["num_initial_conditions", "num_train_trajectories"]),
-                            (["--evaluation.initial_frame", "1000"], ["initial_frame", "num_frames"])):
+                            (["--evaluation.initial_frame", "1000"], ["initial_frame", "num_frames"]),
+                            (["--evaluation.rollouts_per_initial_condition", "0"], ["rollouts_per_initial_condition", ">= 1"]),
+                            (["--model.emulator.frame_decoding", "raster"], ["frame_decoding", "autoregressive"])):
         out = tmp_path / "bad"
         proc = subprocess.run([sys.executable, "-m", "trainers.train", TINY, "--training.output_dir", str(out), *override],
                               cwd=REPO, capture_output=True, text=True, timeout=300)

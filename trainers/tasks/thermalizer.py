@@ -124,6 +124,10 @@ class KolmogorovDataArguments:
 @dataclass
 class ThermalizerEvalArguments:
     num_initial_conditions: int = 16
+    # independent rollouts from each initial condition (the emulator's draws differ; rows i*k .. i*k + k - 1 start
+    # from initial condition i): survival medians pool them, and the ratio's bootstrap resamples initial conditions
+    # with all their rollouts, so one lucky draw per initial condition no longer decides the reported ratio
+    rollouts_per_initial_condition: int = 1
     rollout_steps: int = 2000
     temperature: float = 1.0
     range_margin: float = 0.1  # survival range = true [min, max] widened by this share of its span
@@ -148,8 +152,9 @@ class ThermalizerEvalArguments:
     initial_frame: int = 0
 
     def __post_init__(self):
-        if self.num_initial_conditions < 1 or self.rollout_steps < 1:
-            raise ConfigError("evaluation.num_initial_conditions and evaluation.rollout_steps must be >= 1")
+        if self.num_initial_conditions < 1 or self.rollout_steps < 1 or self.rollouts_per_initial_condition < 1:
+            raise ConfigError("evaluation.num_initial_conditions, evaluation.rollouts_per_initial_condition and "
+                              "evaluation.rollout_steps must be >= 1")
         for name in ("late_window", "early_window", "short_term_steps"):
             value = getattr(self, name)
             if not 1 <= value <= self.rollout_steps:
@@ -388,11 +393,16 @@ class ThermalizerTask(Task):
         frames = self.frames(ev.initial_split)  # sizes checked against the data section when the task is built
         return frames[: ev.num_initial_conditions, ev.initial_frame:: self.data_args.frame_stride]
 
+    def rollout_initial_frames(self) -> torch.Tensor:
+        """Frame 0 of each initial condition, repeated ``evaluation.rollouts_per_initial_condition`` times in a row:
+        ``(num_initial_conditions * k, S, S)``."""
+        return self.initial_trajectories()[:, 0].repeat_interleave(self.eval_args.rollouts_per_initial_condition, 0)
+
     @torch.no_grad()
     def rollouts(self, pipe) -> dict:
         """The three arms from the same initial conditions and the same seed."""
         ev = self.eval_args
-        initial = self.initial_trajectories()[:, 0]
+        initial = self.rollout_initial_frames()
         arms = {}
         for arm in ARMS:
             arms[arm] = pipe(initial, num_steps=ev.rollout_steps, thermalize=arm != "emulator", noise_control=arm == "noise_control",
@@ -456,14 +466,18 @@ class ThermalizerTask(Task):
         rollout_seconds = time.perf_counter() - start
         truth_steps = self.initial_trajectories()  # the true trajectories at the emulator's steps
         num_truth = min(ev.short_term_steps, truth_steps.shape[1] - 1)
+        per_ic = ev.rollouts_per_initial_condition
+        truth_rows = truth_steps.repeat_interleave(per_ic, 0)  # one per rollout
         reconstructed_truth = pipe.decode_codes(test_codes.view(*test.shape[:2], *test_codes.shape[-2:]))
         results = {
             "num_initial_conditions": ev.num_initial_conditions,
+            "rollouts_per_initial_condition": per_ic,
+            "num_rollouts": ev.num_initial_conditions * per_ic,
             "initial_split": ev.initial_split,
             "initial_frame": ev.initial_frame,
             "rollout_steps": ev.rollout_steps,
             "rollout_seconds": rollout_seconds,
-            "frames_per_second": 3 * ev.num_initial_conditions * ev.rollout_steps / rollout_seconds,
+            "frames_per_second": 3 * ev.num_initial_conditions * per_ic * ev.rollout_steps / rollout_seconds,
             **{k: pipe.scheduler.config[k] for k in ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise", "eta")},
             "thermalizer_input": ev.thermalizer_input,
             "survival_ranges": {k: list(v) for k, v in ranges.items()},
@@ -479,9 +493,9 @@ class ThermalizerTask(Task):
             late = frames[:, -ev.late_window:]
             late_codes = output.codes[:, -ev.late_window:]
             late_valid = torch.isfinite(late).flatten(1).all(1)
-            corr = short_term_correlation(frames[:, 1: num_truth + 1], truth_steps[:, 1: num_truth + 1])
+            corr = short_term_correlation(frames[:, 1: num_truth + 1], truth_rows[:, 1: num_truth + 1])
             results.update({
-                f"survival_{arm}": survival.tolist(),  # per initial condition
+                f"survival_{arm}": survival.tolist(),  # per rollout (initial condition i: rows i*k .. i*k + k - 1)
                 f"median_survival_{arm}": float(survival.float().median()),
                 f"mean_survival_{arm}": float(survival.float().mean()),
                 f"survived_full_rollout_{arm}": int((survival == ev.rollout_steps).sum()),
@@ -500,8 +514,10 @@ class ThermalizerTask(Task):
         results["spectrum_distance_emulator_early"] = spectrum_distance(early, test)
         results["enstrophy_histogram_distance_emulator_early"] = histogram_distance(flow_statistics(early)["enstrophy"], test_enstrophy)
         results["survival_ratio"] = results["median_survival_thermalizer"] / max(results["median_survival_emulator"], 1.0)
-        # how far the ratio can be trusted on this many initial conditions: a paired bootstrap over them
-        low, high = median_ratio_interval(curves["thermalizer"]["survival"], curves["emulator"]["survival"])
+        # how far the ratio can be trusted on this many initial conditions: a paired bootstrap over them (each with
+        # all its rollouts)
+        low, high = median_ratio_interval(curves["thermalizer"]["survival"], curves["emulator"]["survival"],
+                                          cluster_size=per_ic)
         results["survival_ratio_ci95_low"], results["survival_ratio_ci95_high"] = low, high
         results["survival_ratio_noise_control"] = results["median_survival_noise_control"] / max(results["median_survival_emulator"], 1.0)
         results.update({k: v for k, v in self.stage_metrics.items()})
