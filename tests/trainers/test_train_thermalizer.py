@@ -60,7 +60,7 @@ def test_tiny_run_writes_pipeline_data_plots_metrics_and_card(tiny_run):
     assert step and all(0 <= a < 1000 and 0 <= b < 1000 for a, b in step), step
     card = (out / "README.md").read_text()
     assert "ThermalizedRolloutPipeline" in card and "median_survival_thermalizer" in card and "model-index" in card
-    assert "in parallel in one" in card  # says how the emulator predicts a frame
+    assert "code by code" in card and "frame_decoding: autoregressive" in card  # says how the emulator draws a frame
 
 
 def test_prepared_embeddings_are_codebook_vectors(tiny_run):
