@@ -35,6 +35,7 @@ test-slow: install
 
 bench: install
 	$(PY) benchmarks/generation.py
+	$(PY) benchmarks/frame_decoding.py
 	$(PY) benchmarks/trainer_overhead.py
 	$(PY) benchmarks/solver.py
 	$(PY) benchmarks/gibbs_vs_thrml.py
