@@ -35,8 +35,7 @@ def cached_loop(model: CodeGPTForCausalLM, codes: torch.LongTensor, generator: t
     """The autoregressive draw without `generate()`: prompt `[BOS] c_t [EOS]`, then one cached forward per code, each
     drawn over the whole vocabulary with the special tokens at probability 0 (as the pipeline's processors do)."""
     config = model.config
-    prompt = model.frame_pair_input_ids(codes, codes)[:, : config.num_codes + 2]
-    out = model(input_ids=prompt, past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
+    out = model(input_ids=model.frame_prompt_ids(codes), past_key_values=DynamicCache(), use_cache=True, logits_to_keep=1)
     drawn = []
     for _ in range(config.num_codes):
         logits = out.logits[:, -1].float()

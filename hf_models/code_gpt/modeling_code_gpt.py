@@ -201,6 +201,26 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
             raise ValueError(f"{name} must lie in [0, codebook_size={config.codebook_size}), got values in [{low}, {high}]")
         return codes.long().to(self.device)
 
+    def frame_prompt_ids(self, codes: torch.LongTensor) -> torch.LongTensor:
+        """`[BOS] c_t [EOS]` `(B, n + 2)` from the current frame's codes `c_t` `(B, n)` (checked): the part of the
+        emulator input before the queries (parallel) or the next frame's codes (autoregressive: the prompt that
+        `generate()` continues in `sample_next_frame`)."""
+        config = self.config
+        if config.num_classes != 0:
+            raise ValueError(f"next-frame emulation needs an unconditional model (num_classes=0), got num_classes={config.num_classes}")
+        if 2 * config.num_codes + 2 > config.max_position_embeddings:
+            raise ValueError(f"next-frame emulation needs max_position_embeddings >= 2 * num_codes + 2 = {2 * config.num_codes + 2}, got {config.max_position_embeddings}")
+        codes = self._check_frame_codes(codes)
+        bos = torch.full_like(codes[:, :1], config.bos_token_id)
+        sep = torch.full_like(codes[:, :1], config.eos_token_id)
+        return torch.cat([bos, codes, sep], dim=1)
+
+    def teacher_codes(self, next_codes: torch.LongTensor) -> Optional[torch.LongTensor]:
+        """What `next_frame_logits` takes as `next_codes` to score the true next frame `next_codes`: the codes
+        themselves with autoregressive decoding (teacher forcing), `None` with parallel decoding (the logits depend on
+        the current frame alone)."""
+        return next_codes if self.config.frame_decoding == "autoregressive" else None
+
     def frame_pair_input_ids(self, codes: torch.LongTensor, next_codes: Optional[torch.LongTensor] = None) -> torch.LongTensor:
         """Emulator input from the current frame's codes `c_t` `(B, n)`; the logits at its last `n` positions predict
         the next frame's codes.
@@ -213,26 +233,19 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
           (teacher forcing; required): code `j` of the next frame is predicted from the current frame and the next
           frame's codes before `j`, as `generate()` draws them in `sample_next_frame`.
         """
-        config = self.config
-        if config.num_classes != 0:
-            raise ValueError(f"next-frame emulation needs an unconditional model (num_classes=0), got num_classes={config.num_classes}")
-        if 2 * config.num_codes + 2 > config.max_position_embeddings:
-            raise ValueError(f"next-frame emulation needs max_position_embeddings >= 2 * num_codes + 2 = {2 * config.num_codes + 2}, got {config.max_position_embeddings}")
-        codes = self._check_frame_codes(codes)
-        bos = torch.full_like(codes[:, :1], config.bos_token_id)
-        sep = torch.full_like(codes[:, :1], config.eos_token_id)
-        if config.frame_decoding == "parallel":
+        prompt = self.frame_prompt_ids(codes)
+        if self.config.frame_decoding == "parallel":
             if next_codes is not None:
                 raise ValueError("next_codes must be None with frame_decoding='parallel': the next frame's codes are "
                                  "predicted from the current frame alone")
-            return torch.cat([bos, codes, sep, codes], dim=1)
+            return torch.cat([prompt, prompt[:, 1:-1]], dim=1)
         if next_codes is None:
             raise ValueError("next_codes (the next frame's codes, teacher forcing) are required with "
                              "frame_decoding='autoregressive'; sample_next_frame draws them")
         next_codes = self._check_frame_codes(next_codes, "next_codes")
-        if next_codes.shape[0] != codes.shape[0]:
-            raise ValueError(f"next_codes has {next_codes.shape[0]} rows, codes has {codes.shape[0]}")
-        return torch.cat([bos, codes, sep, next_codes[:, :-1]], dim=1)
+        if next_codes.shape[0] != prompt.shape[0]:
+            raise ValueError(f"next_codes has {next_codes.shape[0]} rows, codes has {prompt.shape[0]}")
+        return torch.cat([prompt, next_codes[:, :-1]], dim=1)
 
     def next_frame_logits(self, codes: torch.LongTensor, next_codes: Optional[torch.LongTensor] = None) -> torch.FloatTensor:
         """Logits `(B, n, codebook_size)` of the next frame's codes given the current frame's codes `(B, n)` in one
@@ -244,19 +257,24 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
 
     @torch.no_grad()
     def sample_next_frame(self, codes: torch.LongTensor, temperature: float = 1.0,
-                          generator: Optional[torch.Generator] = None) -> torch.LongTensor:
+                          generator: Optional[torch.Generator] = None, return_logits: bool = False):
         """Draw the next frame's codes `(B, n)` at `temperature` (`temperature=0` takes the argmax); randomness only
         from `generator`. With `frame_decoding="parallel"` every code is drawn independently from its softmax (one
         forward pass); with `"autoregressive"` the codes are drawn one after the other by `generate()` (KV cache,
-        transformers' logits processors), each conditioned on the ones before it."""
+        transformers' logits processors), each conditioned on the ones before it.
+
+        With `return_logits`, returns `(codes, logits)`: the logits `(B, n, codebook_size)` the codes were drawn from
+        (autoregressive: each code's given the codes drawn before it, recomputed in one teacher-forced pass, which
+        draws no random numbers)."""
         if self.config.frame_decoding == "parallel":
-            return self.sample_from_frame_logits(self.next_frame_logits(codes), temperature, generator)
+            logits = self.next_frame_logits(codes)
+            drawn = self.sample_from_frame_logits(logits, temperature, generator)
+            return (drawn, logits) if return_logits else drawn
         if not temperature >= 0:
             raise ValueError(f"temperature={temperature!r} is invalid: expected a number >= 0 (0 = argmax)")
-        # [BOS] c_t [EOS]: the prompt of the autoregressive input (checked by frame_pair_input_ids)
-        prompt = self.frame_pair_input_ids(codes, codes)[:, : self.config.num_codes + 2]
-        return self._generate_chunk(prompt, self.config.num_codes, temperature if temperature > 0 else None, None,
-                                    None, None, generator, True)
+        drawn = self._generate_chunk(self.frame_prompt_ids(codes), self.config.num_codes,
+                                     temperature if temperature > 0 else None, None, None, None, generator, True)
+        return (drawn, self.next_frame_logits(codes, drawn)) if return_logits else drawn
 
     @staticmethod
     def frame_probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.FloatTensor:

@@ -188,15 +188,14 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                 if len(rows) == 0:
                     progress_bar.update(num_steps - step)
                     break
-                new = self.emulator.sample_next_frame(current[rows], temperature, generator)
+                # the logits of the drawn codes (autoregressive decoding: each given the codes drawn before it)
+                # only where the expected embedding needs them
+                drawn = self.emulator.sample_next_frame(current[rows], temperature, generator,
+                                                        return_logits=thermalizer_input == "expected")
+                new, logits = drawn if thermalizer_input == "expected" else (drawn, None)
                 if thermalize or track_levels:
                     therm_device = self.thermalizer.device
                     if thermalizer_input == "expected":
-                        # the emulator's distributions of the drawn frame's codes (autoregressive decoding: each
-                        # conditioned on the codes drawn before it; the logits are a pure function of the inputs, so
-                        # recomputing them draws no random numbers)
-                        teacher = new if self.emulator.config.frame_decoding == "autoregressive" else None
-                        logits = self.emulator.next_frame_logits(current[rows], teacher)
                         probs = self.emulator.frame_probabilities(logits, temperature)  # (b, n, K)
                         codebook = self.vq_tokenizer.embed(torch.arange(probs.shape[-1], device=self.vq_tokenizer.device).view(1, 1, -1))
                         expected = probs.to(codebook) @ codebook[0, :, 0].T  # (b, n, D)

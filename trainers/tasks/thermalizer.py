@@ -680,8 +680,8 @@ class EmulatorStage(Stage):
     def compute_loss(self, model, batch, generator):
         n = self.task.gpt_config.num_codes
         inner = getattr(model, "module", model)
-        teacher = batch["target"] if inner.config.frame_decoding == "autoregressive" else None
-        logits = model(input_ids=inner.frame_pair_input_ids(batch["current"], teacher), logits_to_keep=n).logits
+        logits = model(input_ids=inner.frame_pair_input_ids(batch["current"], inner.teacher_codes(batch["target"])),
+                       logits_to_keep=n).logits
         logits = logits[..., : self.task.gpt_config.codebook_size].float()
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch["target"].reshape(-1))
         return StepOutput(loss=loss, num_items=batch["target"].numel())
@@ -696,8 +696,7 @@ class EmulatorStage(Stage):
         count = torch.zeros_like(nll)
         for batch in dataloader:
             target = batch["target"]
-            teacher = target if inner.config.frame_decoding == "autoregressive" else None
-            logits = inner.next_frame_logits(batch["current"], teacher).float()
+            logits = inner.next_frame_logits(batch["current"], inner.teacher_codes(target)).float()
             nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum").double()
             hits += (logits.argmax(-1) == target).sum()
             same += (batch["current"] == target).sum()
