@@ -66,3 +66,29 @@ def subprocess_env() -> dict:
     repo = str(Path(__file__).resolve().parents[1])
     pythonpath = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}
+
+
+def run_without_latentheat(tmp_path, script, inputs, timeout=300):
+    """Run ``script`` (which should start with ``BLOCK_LATENTHEAT``) in a fresh interpreter as
+    ``script.py REPO IN OUT`` with ``REPO = tmp_path / "repo"``, ``IN`` a safetensors file of ``inputs`` and no
+    ``PYTHONPATH``, offline, from an empty folder; a failed run raises with its stderr. Returns the tensors the
+    script saved to ``OUT``."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    save_file(inputs, tmp_path / "in.safetensors")
+    (tmp_path / "script.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    (tmp_path / "cwd").mkdir()
+    result = subprocess.run(
+        [sys.executable, str(tmp_path / "script.py"), str(tmp_path / "repo"), str(tmp_path / "in.safetensors"),
+         str(tmp_path / "out.safetensors")],
+        cwd=tmp_path / "cwd", env=env, capture_output=True, text=True, timeout=timeout,
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"the script failed ({result.returncode}):\n{result.stderr[-3000:]}")
+    return load_file(tmp_path / "out.safetensors")

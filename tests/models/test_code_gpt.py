@@ -1,18 +1,15 @@
 """CodeGPTForCausalLM: token layout, training signal, save/load, remote code, seeded sampling."""
 
 import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaForCausalLM
 from transformers.generation.logits_process import UnbatchedClassifierFreeGuidanceLogitsProcessor
 
 from hf_models.code_gpt import CodeGPTConfig, CodeGPTForCausalLM
-from tests.helpers import BLOCK_LATENTHEAT
+from tests.helpers import BLOCK_LATENTHEAT, run_without_latentheat
 
 
 torch.set_num_threads(1)
@@ -178,19 +175,7 @@ def test_remote_code_loads_without_latentheat(tmp_path):
     files = set(os.listdir(tmp_path / "repo"))
     assert {"configuration_code_gpt.py", "modeling_code_gpt.py", "model.safetensors"} <= files
     input_ids = tester.get_batch(model.config)
-    save_file({"input_ids": input_ids}, tmp_path / "x.safetensors")
-    (tmp_path / "script.py").write_text(REMOTE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    work = tmp_path / "cwd"
-    work.mkdir()
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "script.py"), str(tmp_path / "repo"), str(tmp_path / "x.safetensors"),
-         str(tmp_path / "out.safetensors")],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = load_file(tmp_path / "out.safetensors")
+    out = run_without_latentheat(tmp_path, REMOTE_SCRIPT, {"input_ids": input_ids})
     with torch.no_grad():
         assert torch.allclose(out["logits"], model(input_ids).logits, atol=1e-5)
     expected = model.generate_codes(torch.tensor([1, 2]), generator=torch.Generator().manual_seed(5))

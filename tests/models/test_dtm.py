@@ -11,10 +11,10 @@ import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hf_models.dtm import DTMConfig, DTMModel, DTMOutput
-from tests.helpers import BLOCK_LATENTHEAT
+from tests.helpers import BLOCK_LATENTHEAT, run_without_latentheat
 from hf_models.dtm.gibbs import (
     build_lattice_graph,
     gibbs_sweeps,
@@ -688,18 +688,8 @@ def test_remote_code_loads_without_latentheat(tmp_path):
     auto_map = json.loads((tmp_path / "repo" / "config.json").read_text())["auto_map"]
     assert auto_map == {"AutoConfig": "configuration_dtm.DTMConfig", "AutoModel": "modeling_dtm.DTMModel"}
     x = tester.get_spins((3, 1, 4, 4))
-    save_file({"x": x}, tmp_path / "x.safetensors")
-    (tmp_path / "script.py").write_text(REMOTE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    (tmp_path / "cwd").mkdir()
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "script.py"), str(tmp_path / "repo"), str(tmp_path / "x.safetensors"),
-         str(tmp_path / "out.safetensors")],
-        cwd=tmp_path / "cwd", env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.allclose(load_file(tmp_path / "out.safetensors")["energy"], model.energy(x, x, 1).detach())
+    out = run_without_latentheat(tmp_path, REMOTE_SCRIPT, {"x": x})
+    assert torch.allclose(out["energy"], model.energy(x, x, 1).detach())
 
 
 @pytest.mark.parametrize("timestep_sampling", ["per_sample", "per_batch"])

@@ -3,16 +3,15 @@
 import copy
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from hf_models.vq_tokenizer import VQTokenizerConfig, VQTokenizerModel, VQTokenizerOutput
-from tests.helpers import BLOCK_LATENTHEAT
+from tests.helpers import BLOCK_LATENTHEAT, run_without_latentheat
 
 
 torch.set_num_threads(1)
@@ -238,19 +237,7 @@ def test_remote_code_loads_without_latentheat(tmp_path):
         "AutoModel": "modeling_vq_tokenizer.VQTokenizerModel",
     }
     x = tester.get_pixel_values()
-    save_file({"x": x}, tmp_path / "x.safetensors")
-    (tmp_path / "script.py").write_text(REMOTE_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    work = tmp_path / "cwd"
-    work.mkdir()
-    result = subprocess.run(
-        [sys.executable, str(tmp_path / "script.py"), str(tmp_path / "repo"), str(tmp_path / "x.safetensors"),
-         str(tmp_path / "out.safetensors")],
-        cwd=work, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    out = load_file(tmp_path / "out.safetensors")
+    out = run_without_latentheat(tmp_path, REMOTE_SCRIPT, {"x": x})
     with torch.no_grad():
         expected = model(x)
     assert torch.equal(out["codes"], expected.codes)
