@@ -10,15 +10,11 @@ the cost is `generate()`'s own. Ratios are printed; the figures go to benchmarks
 """
 
 import argparse
-import json
-import os
-import platform
-import time
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache
 
+from common import best_of, machine, write_results
 from hf_models.code_gpt import CodeGPTConfig, CodeGPTForCausalLM
 
 
@@ -46,16 +42,6 @@ def cached_loop(model: CodeGPTForCausalLM, codes: torch.LongTensor, generator: t
     return torch.cat(drawn, 1)
 
 
-def best_of(fn, repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=16, help="frames per call (the evaluation rolls out 16 at once)")
@@ -78,9 +64,7 @@ def main():
     result = {
         "benchmark": "frame_decoding",
         "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        **machine(),
         "batch": args.batch,
         "num_codes": 64,
         "parameters": sum(p.numel() for p in parallel.parameters()),
@@ -89,16 +73,13 @@ def main():
         "ratio_autoregressive_over_parallel": seconds["autoregressive_generate"] / seconds["parallel"],
         "ratio_generate_over_cached_loop": seconds["autoregressive_generate"] / seconds["autoregressive_cached_loop"],
         "same_draws_generate_and_cached_loop": same,
-        "torch": torch.__version__,
     }
     print(f"parallel {seconds['parallel'] * 1e3:.1f} ms, autoregressive with generate() "
           f"{seconds['autoregressive_generate'] * 1e3:.1f} ms, cached loop {seconds['autoregressive_cached_loop'] * 1e3:.1f} ms "
           f"per call of {args.batch} frames")
     print(f"autoregressive / parallel: {result['ratio_autoregressive_over_parallel']:.2f}x; generate() / cached loop: "
           f"{result['ratio_generate_over_cached_loop']:.2f}x (same draws: {same})")
-    path = Path(__file__).resolve().parent / "results" / "frame_decoding.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_results("frame_decoding", result)
 
 
 if __name__ == "__main__":

@@ -7,13 +7,10 @@ the cache. Writes benchmarks/results/generation.json.
 """
 
 import argparse
-import json
-import platform
-import time
-from pathlib import Path
 
 import torch
 
+from common import best_of, machine, write_results
 from hf_models.code_gpt import CodeGPTConfig, CodeGPTForCausalLM
 
 
@@ -35,24 +32,15 @@ def main():
     def run(use_cache):
         return model.generate_codes(labels, generator=torch.Generator().manual_seed(0), use_cache=use_cache)
 
-    run(True), run(False)  # warm-up
-    timings = {}
-    outputs = {}
-    for use_cache in (True, False):
-        best = float("inf")
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            outputs[use_cache] = run(use_cache)
-            best = min(best, time.perf_counter() - start)
-        timings[use_cache] = best
+    outputs = {use_cache: run(use_cache) for use_cache in (True, False)}  # also the warm-up
+    timings = {use_cache: best_of(lambda: run(use_cache), args.repeats, warmup=False) for use_cache in (True, False)}
     same = bool(torch.equal(outputs[True], outputs[False]))
     ratio = timings[False] / timings[True]
     tokens = args.batch * args.num_codes
     result = {
         "benchmark": "generation",
         "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
+        **machine(),
         "dtype": "float32",
         "batch": args.batch,
         "num_codes": args.num_codes,
@@ -64,9 +52,7 @@ def main():
         "same_tokens": same,
         "ratio_recompute_over_cache": ratio,
     }
-    out = Path(__file__).parent / "results" / "generation.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results("generation", result)
     print(f"generate() with KV cache: {timings[True]:.3f} s, full recomputation: {timings[False]:.3f} s "
           f"for {args.batch} x {args.num_codes} codes; same tokens: {same}; speed-up (recompute / cache): {ratio:.2f}x")
     if not same:

@@ -17,12 +17,13 @@ benchmarks/results/gibbs_vs_thrml.json.
 """
 
 import argparse
-import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+from common import best_of, write_results
 
 
 # flops per spin update besides the 2 * degree multiply-adds of the local field: + bias, * 2, sigmoid (neg, exp, add,
@@ -90,19 +91,10 @@ def thrml_sampler(graph, couplings, bias, condition_coupling, num_sweeps):
     return jax.jit(jax.vmap(run))
 
 
-def best_of(fn, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def matmul_peak_flops(torch, repeats, n=2048):
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
-    return 2 * n**3 / best_of(lambda: torch.mm(a, b), repeats)
+    return 2 * n**3 / best_of(lambda: torch.mm(a, b), repeats, warmup=False)
 
 
 def bench_graph(name, graph, args, torch):
@@ -121,7 +113,7 @@ def bench_graph(name, graph, args, torch):
 
     # torch: the backend as the scheduler calls it (its per-call CSR setup included)
     gibbs_sweeps(init, J, fields, graph, 1, generator=gen)  # warm-up
-    t_torch = best_of(lambda: gibbs_sweeps(init, J, fields, graph, S, generator=gen), args.repeats)
+    t_torch = best_of(lambda: gibbs_sweeps(init, J, fields, graph, S, generator=gen), args.repeats, warmup=False)
     # the uniforms alone: one (n_c, B) draw per colour per sweep, as gibbs_sweeps draws them
     sizes = [len(sites) for sites in graph.color_sites]
 
@@ -160,7 +152,7 @@ def bench_graph(name, graph, args, torch):
         out = run(keys, init_blocks, clamp).block_until_ready()  # compiles
         compile_s = time.perf_counter() - start
         assert out.shape == (B, N), out.shape
-        t_thrml = best_of(lambda: run(keys, init_blocks, clamp).block_until_ready(), args.repeats)
+        t_thrml = best_of(lambda: run(keys, init_blocks, clamp).block_until_ready(), args.repeats, warmup=False)
         row.update(
             seconds_thrml=t_thrml,
             updates_per_s_thrml=updates / t_thrml,
@@ -202,9 +194,7 @@ def main():
         "flops_per_update": f"2 * degree + {FLOPS_PER_UPDATE_EXTRA} (bias, x2, sigmoid 4, compare/select 2); RNG apart",
         "graphs": rows,
     }
-    out = Path(args.output)
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results("gibbs_vs_thrml", result, args.output)
 
     print(f"threads {args.threads}, matmul peak {peak / 1e9:.1f} GFLOP/s (torch.mm 2048^2)")
     header = f"{'graph':<14}{'spins':>7}{'edges':>8}{'colors':>7}{'torch Mupd/s':>14}{'thrml Mupd/s':>14}{'ratio':>8}"

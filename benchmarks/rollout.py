@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+
+from common import machine, write_results
 
 
 def main():
@@ -78,9 +78,7 @@ def main():
     result = {
         "benchmark": "thermalized_rollout",
         "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        **machine(),
         "output_dir": str(out),
         "trajectories": args.trajectories,
         "steps": args.steps,
@@ -97,12 +95,9 @@ def main():
         "frames_per_s_solver": round(solver_fps, 2),
         "emulator_speedup_over_solver": round(fps["emulator"] / solver_fps, 3),
         "thermalized_speedup_over_solver": round(fps["thermalizer"] / solver_fps, 3),
-        "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
-    path = Path(__file__).resolve().parent / "results" / "rollout.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_results("rollout", result)
 
 
 if __name__ == "__main__":

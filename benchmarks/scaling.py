@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from common import write_results
+
 REPO = Path(__file__).resolve().parents[1]
 
 # per task: overrides that keep the final evaluation of a benchmark run short (it is not timed)
@@ -98,9 +100,7 @@ def main():
         print(f"{k:<44} {v:.3f}")
     result = {"config": args.config, "steps": args.steps, "global_batch": args.global_batch, "cores": args.cores,
               "settings": list(rows.values()), "ratios": ratios}
-    out = Path(__file__).parent / "results" / "scaling.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    out = write_results("scaling", result)
     print(f"wrote {out}")
 
 

@@ -11,13 +11,10 @@ Writes benchmarks/results/solver.json.
 
 import argparse
 import json
-import os
-import platform
-import time
-from pathlib import Path
 
 import torch
 
+from common import best_of, machine, write_results
 from hf_models.data.kolmogorov import KolmogorovConfig, KolmogorovSolver
 
 
@@ -36,15 +33,6 @@ def main():
     rates, sub_rates, states = {}, {}, {}
     start_omega = KolmogorovSolver(KolmogorovConfig(grid_size=args.grid_size)).initial_condition(args.batch, seed=0)
 
-    def best_time(fn):
-        fn()  # warm-up
-        best = float("inf")
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-        return best
-
     for dtype in ("float64", "float32"):
         solver = KolmogorovSolver(KolmogorovConfig(grid_size=args.grid_size, dtype=dtype))
         start_hat = solver.to_spectral(start_omega)
@@ -56,18 +44,15 @@ def main():
         def in_chunks():
             return [solver.advance(c, args.steps) for c in chunks]
 
-        rates[dtype] = args.steps / best_time(whole)
-        sub_rates[dtype] = args.steps / best_time(in_chunks)
+        rates[dtype] = args.steps / best_of(whole, args.repeats)
+        sub_rates[dtype] = args.steps / best_of(in_chunks, args.repeats)
     w64 = torch.fft.irfft2(states["float64"], s=(args.grid_size,) * 2)
     w32 = torch.fft.irfft2(states["float32"], s=(args.grid_size,) * 2).double()
     rel_diff = ((w32 - w64).norm() / w64.norm()).item()
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other work on the cores slows both runs
     result = {
         "benchmark": "kolmogorov_solver",
         "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "load_average_1min": load,
+        **machine(),  # other work on the cores (the load average) slows both runs
         "grid_size": args.grid_size,
         "batch": args.batch,
         "steps": args.steps,
@@ -82,12 +67,9 @@ def main():
         "sub_batched_ratio_float32_over_float64": round(sub_rates["float32"] / sub_rates["float64"], 3),
         "sub_batched_speedup_float64": round(sub_rates["float64"] / rates["float64"], 3),
         "relative_l2_difference_after_steps": rel_diff,
-        "torch": torch.__version__,
     }
     print(json.dumps(result, indent=2))
-    out = Path(__file__).resolve().parent / "results" / "solver.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results("solver", result)
 
 
 if __name__ == "__main__":

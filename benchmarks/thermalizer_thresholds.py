@@ -9,19 +9,20 @@ The initial conditions are frame ``--initial-frame`` of the first ``--initial-co
 (the task's ``evaluation.initial_split train``), so thresholds are chosen without looking at the test trajectories
 the reported evaluation starts from. Survival is the task's: steps until enstrophy or energy leaves the range of the
 true training trajectories as the tokenizer represents them. Each arm draws from a fresh ``torch.Generator`` seeded
-with ``--seed``, so pairs are compared on common random numbers. Writes ``benchmarks/results/thermalizer_thresholds.json``.
+with ``--seed``, so pairs are compared on common random numbers. Each row also gives the late-window energy-spectrum
+distance (the last ``evaluation.late_window`` steps) to the training trajectories, next to the emulator's own for its
+first ``evaluation.early_window`` steps: the quality a pair must keep while it extends survival. Writes ``benchmarks/results/thermalizer_thresholds.json``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import time
 from pathlib import Path
 
 import torch
+
+from common import machine, write_results
 
 
 KEEP = "run"  # a pair without a third field keeps the run's num_denoising_steps
@@ -62,6 +63,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from hf_models.metrics.rollout_stability import spectrum_distance
     from hf_models.pipelines import ThermalizedRolloutPipeline
     from trainers.arguments import ConfigError
     from trainers.evaluate import load_run_task
@@ -80,6 +82,15 @@ def main():
     saved = pipe.scheduler
     ranges = task.survival_ranges(pipe)
     initial = task.rollout_initial_frames()
+    # the spectra are compared with the training trajectories too: the test split stays unseen
+    reference = task.frames("train").flatten(0, 1)
+    late_window = min(task.eval_args.late_window, args.steps)
+    early_window = min(task.eval_args.early_window, args.steps)
+
+    def late_spectrum(frames: torch.Tensor) -> float:
+        late = frames[:, -late_window:]
+        valid = torch.isfinite(late).flatten(1).all(1)
+        return spectrum_distance(late[valid], reference) if valid.any() else float("inf")
 
     def arm(thermalize: bool) -> dict:
         start = time.perf_counter()
@@ -88,10 +99,13 @@ def main():
         return {"median_survival": float(survival.float().median()), "mean_survival": float(survival.float().mean()),
                 "survival": survival.tolist(), "fire_rate": float(output.fired.float().mean()),
                 "requantized_changes_mean": float(output.requantized_changes.float().mean()),
+                "spectrum_distance_late": late_spectrum(output.frames),
+                "spectrum_distance_early": spectrum_distance(output.frames[:, 1: early_window + 1], reference),
                 "seconds": round(time.perf_counter() - start, 1)}
 
     emulator = arm(thermalize=False)
-    print(f"emulator alone: median survival {emulator['median_survival']:.0f}", flush=True)
+    print(f"emulator alone: median survival {emulator['median_survival']:.0f}, spectrum distance: first {early_window} steps "
+          f"{emulator['spectrum_distance_early']:.3f}, last {late_window} {emulator['spectrum_distance_late']:.3f}", flush=True)
     rows = []
     for s_init, s_stop, steps in args.pairs:
         steps = saved.config.num_denoising_steps if steps == KEEP else steps
@@ -106,28 +120,27 @@ def main():
         rows.append(row)
         print(f"s_init {s_init:3d} s_stop {s_stop:3d} num_denoising_steps {steps} eta {row['eta']}: median survival {row['median_survival']:.0f} "
               f"(ratio {row['survival_ratio']:.2f}), fired {row['fire_rate']:.0%}, "
-              f"{row['requantized_changes_mean']:.1f} codes changed per step", flush=True)
+              f"{row['requantized_changes_mean']:.1f} codes changed per step, late spectrum distance "
+              f"{row['spectrum_distance_late']:.3f}", flush=True)
 
     result = {
         "benchmark": "thermalizer_thresholds",
-        "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        **machine(),
         "output_dir": str(out),
         "initial_split": "train",
         "initial_frame": args.initial_frame,
         "initial_conditions": args.initial_conditions,
         "rollouts_per_initial_condition": args.rollouts_per_ic,
         "steps": args.steps,
+        "late_window": late_window,
+        "early_window": early_window,
+        "spectrum_reference": "the training trajectories (all frames)",
         "seed": args.seed,
         "survival_ranges": {k: list(v) for k, v in ranges.items()},
         "emulator": emulator,
         "pairs": rows,
-        "torch": torch.__version__,
     }
-    path = Path(__file__).resolve().parent / "results" / f"{args.results_name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_results(args.results_name, result)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from transformers import get_scheduler
 
+from common import write_results
 from hf_models.code_gpt import CodeGPTConfig, CodeGPTForCausalLM
 from trainers.accelerate_trainer import AccelerateTrainer
 from trainers.arguments import build_config
@@ -144,9 +145,7 @@ def main():
         "trainer_rounds": trainer,
         "ratio_trainer_over_bare": ratio,
     }
-    out = Path(__file__).parent / "results" / "trainer_overhead.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_results("trainer_overhead", result)
     print(f"bare torch loop: {bare_s * 1000:.1f} ms/step, AccelerateTrainer: {trainer_s * 1000:.1f} ms/step; ratio trainer / bare: {ratio:.3f} (aim <= 1.05)")
 
 
