@@ -56,6 +56,8 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--eta", type=float, default=None,
                         help="the scheduler's eta for every row (DDIM steps; default: the run's, DDPM steps if unset)")
+    parser.add_argument("--candidates", type=int, default=1,
+                        help="thermalizations per fired state, the classifier keeping the least noisy (the pipeline's num_candidates)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results-name", default="thermalizer_thresholds",
                         help="the figures go to benchmarks/results/NAME.json")
@@ -94,7 +96,8 @@ def main():
 
     def arm(thermalize: bool) -> dict:
         start = time.perf_counter()
-        output = pipe(initial, num_steps=args.steps, thermalize=thermalize, generator=torch.Generator().manual_seed(args.seed))
+        output = pipe(initial, num_steps=args.steps, thermalize=thermalize, generator=torch.Generator().manual_seed(args.seed),
+                      num_candidates=args.candidates)
         _, _, survival = task.survival(output, ranges)
         return {"median_survival": float(survival.float().median()), "mean_survival": float(survival.float().mean()),
                 "survival": survival.tolist(), "fire_rate": float(output.fired.float().mean()),
@@ -136,6 +139,7 @@ def main():
         "early_window": early_window,
         "spectrum_reference": "the training trajectories (all frames)",
         "seed": args.seed,
+        "num_candidates": args.candidates,
         "survival_ranges": {k: list(v) for k, v in ranges.items()},
         "emulator": emulator,
         "pairs": rows,

@@ -122,6 +122,16 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         return frames.view(*shape, size, size)
 
     @torch.no_grad()
+    def _select_candidate(self, candidates: torch.LongTensor, num_candidates: int, h: int, w: int) -> torch.LongTensor:
+        """Code grids `(b * k, h * w)`, `k` candidates per state in a row -> `(b, h * w)`: per state the candidate
+        with the lowest expected level `sum_t p(t) t` under the thermalizer's classifier."""
+        embedded = self.vq_tokenizer.embed(candidates.view(-1, h, w).to(self.vq_tokenizer.device))
+        logits = self.thermalizer(self.thermalizer.normalize(embedded.to(self.thermalizer.device))).level_logits
+        expected = (logits.float().softmax(-1) * torch.arange(logits.shape[-1], device=logits.device)).sum(-1)
+        pick = expected.view(-1, num_candidates).argmin(1).to(candidates.device)
+        return candidates.view(-1, num_candidates, candidates.shape[-1])[torch.arange(len(pick)), pick]
+
+    @torch.no_grad()
     def __call__(
         self,
         initial_frames: torch.Tensor,
@@ -132,6 +142,7 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         generator: Optional[torch.Generator] = None,
         track_levels: bool = True,
         thermalizer_input: str = "sampled",
+        num_candidates: int = 1,
         output_type: str = "pt",
         return_dict: bool = True,
     ):
@@ -154,6 +165,10 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                 vectors of the sampled codes (the original system's embedding lookup), or `"expected"`, the emulator's
                 expected embedding `sum_k p_k e_k` per position (its uncertainty shows as a blend off the codebook).
                 Either way an unfired step keeps the sampled codes.
+            num_candidates (`int`, defaults to 1): thermalizations drawn per fired state (independent DDPM noise, one
+                batched chain); the one whose re-quantized grid the classifier reads as the least noisy (lowest
+                expected level) becomes the next state. `1` is the paper's single draw. The noise control selects
+                among its candidates the same way, so the two arms keep the same mechanics.
             output_type (`str`, defaults to `"pt"`): `"pt"` (torch) or `"np"` (numpy) frames.
             return_dict (`bool`, defaults to `True`): return a [`ThermalizedRolloutOutput`] instead of a tuple.
         """
@@ -162,6 +177,8 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
             raise ValueError(f"thermalizer_input={thermalizer_input!r} is invalid; allowed: 'sampled', 'expected'")
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps={num_steps!r} is invalid: expected an int >= 1")
+        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+            raise ValueError(f"num_candidates={num_candidates!r} is invalid: expected an int >= 1")
         if noise_control and not thermalize:
             raise ValueError("noise_control=True is the control arm of the thermalizer: it needs thermalize=True")
         self.check_components()
@@ -206,15 +223,19 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                     level = self.thermalizer.predict_level(sample)
                     levels[rows, step] = level.cpu()
                 if thermalize:
-                    out = self.scheduler.thermalize(self.thermalizer, sample, generator=noise_generator, levels=level,
+                    out = self.scheduler.thermalize(self.thermalizer, sample.repeat_interleave(num_candidates, 0),
+                                                    generator=noise_generator, levels=level.repeat_interleave(num_candidates),
                                                     noise_control=noise_control)
                     requantized = self.vq_tokenizer.quantize(
                         self.thermalizer.denormalize(out.sample).to(self.vq_tokenizer.device)
                     ).flatten(1).to(new.device)
-                    fired[rows, step] = out.fired.cpu()
+                    # the candidates of a state share its level, so its firing and stop decisions
+                    fired_now, stop = out.fired[::num_candidates], out.stopped[::num_candidates].cpu()
+                    if num_candidates > 1:
+                        requantized = self._select_candidate(requantized, num_candidates, h, w)
+                    fired[rows, step] = fired_now.cpu()
                     changes[rows, step] = (requantized != new).sum(1).cpu()
-                    new = torch.where(out.fired.to(new.device)[:, None], requantized, new)
-                    stop = out.stopped.cpu()
+                    new = torch.where(fired_now.to(new.device)[:, None], requantized, new)
                     if stop.any():
                         stopped_at[rows[stop]] = step + 1
                         alive[rows[stop]] = False

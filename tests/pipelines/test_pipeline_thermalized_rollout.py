@@ -277,6 +277,46 @@ def test_noise_control_same_firing_different_codes():
     assert torch.equal(control.codes[:, 1], expected)
 
 
+def test_candidates_keep_the_requantized_draw_the_classifier_reads_as_least_noisy(monkeypatch):
+    k = 4
+    pipe = small_pipe()
+    # every state fires at level 10; the classifier itself (random weights) ranks the candidates
+    monkeypatch.setattr(pipe.thermalizer, "predict_level", lambda sample: torch.full((sample.shape[0],), 10))
+    x = frames(3, seed=2)
+    out = pipe(x, num_steps=3, generator=gen(6), num_candidates=k)
+    assert bool(out.fired.all()) and out.stopped_at.tolist() == [-1, -1, -1]
+    g, noise = streams(6)
+    vq, therm = pipe.vq_tokenizer, pipe.thermalizer
+    picks = []
+    with torch.no_grad():
+        current = vq.encode(x[:, None]).flatten(1)
+        for step in range(3):
+            drawn = pipe.emulator.sample_next_frame(current, generator=g)
+            sample = therm.normalize(vq.embed(drawn.view(3, 4, 4)))
+            # one batched chain over the k copies of each state, in a row
+            res = pipe.scheduler.thermalize(therm, sample.repeat_interleave(k, 0), generator=noise,
+                                            levels=torch.full((3 * k,), 10))
+            candidates = vq.quantize(therm.denormalize(res.sample)).flatten(1).view(3, k, 16)
+            logits = therm(therm.normalize(vq.embed(candidates.view(-1, 4, 4)))).level_logits
+            expected = (logits.softmax(-1) * torch.arange(T)).sum(-1).view(3, k)
+            pick = expected.argmin(1)
+            picks.append(pick)
+            current = candidates[torch.arange(3), pick]
+            assert torch.equal(out.codes[:, step + 1].flatten(1), current), step
+            assert torch.equal(out.requantized_changes[:, step], (current != drawn).sum(1)), step
+            assert len({tuple(c.tolist()) for c in candidates[0]}) > 1, "the candidates of a state should differ"
+    assert bool((torch.stack(picks) != 0).any()), "the selection should not always keep the first candidate"
+    # one candidate is the single draw
+    single = pipe(x, num_steps=3, generator=gen(6))
+    assert torch.equal(pipe(x, num_steps=3, generator=gen(6), num_candidates=1).codes, single.codes)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_bad_num_candidates(bad):
+    with pytest.raises(ValueError, match="num_candidates"):
+        small_pipe()(frames(1), num_steps=1, num_candidates=bad)
+
+
 # --------------------------------------------------------------------------------------------------- input checks
 @pytest.mark.parametrize("bad", [0, -2, 2.5, True, "3"])
 def test_bad_num_steps(bad):

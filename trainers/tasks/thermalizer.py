@@ -145,6 +145,8 @@ class ThermalizerEvalArguments:
     renoise: Optional[bool] = None
     eta: Optional[float] = None
     thermalizer_input: str = "sampled"  # or "expected": the emulator's expected embedding (see the pipeline)
+    # thermalizations drawn per fired state; the classifier keeps the least noisy (the pipeline's num_candidates)
+    num_candidates: int = 1
     seed: int = 0
     # where the rollouts start: frame `initial_frame` of the first trajectories of `initial_split`. "test" is the
     # reported evaluation; "train" is the split to tune thresholds on without looking at the test trajectories
@@ -164,6 +166,8 @@ class ThermalizerEvalArguments:
             raise ConfigError(f"evaluation.survival_statistics={self.survival_statistics} is invalid; allowed: a non-empty subset of enstrophy, energy")
         if self.thermalizer_input not in ("sampled", "expected"):
             raise ConfigError(f"evaluation.thermalizer_input={self.thermalizer_input!r} is invalid; allowed: sampled, expected")
+        if self.num_candidates < 1:
+            raise ConfigError(f"evaluation.num_candidates={self.num_candidates} must be >= 1")
         if self.initial_split not in ("test", "train"):
             raise ConfigError(f"evaluation.initial_split={self.initial_split!r} is invalid; allowed: test, train")
         if self.initial_frame < 0:
@@ -407,7 +411,7 @@ class ThermalizerTask(Task):
         for arm in ARMS:
             arms[arm] = pipe(initial, num_steps=ev.rollout_steps, thermalize=arm != "emulator", noise_control=arm == "noise_control",
                              temperature=ev.temperature, generator=torch.Generator().manual_seed(ev.seed), output_type="pt",
-                             thermalizer_input=ev.thermalizer_input)
+                             thermalizer_input=ev.thermalizer_input, num_candidates=ev.num_candidates)
         return arms
 
     @torch.no_grad()
@@ -480,6 +484,7 @@ class ThermalizerTask(Task):
             "frames_per_second": 3 * ev.num_initial_conditions * per_ic * ev.rollout_steps / rollout_seconds,
             **{k: pipe.scheduler.config[k] for k in ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise", "eta")},
             "thermalizer_input": ev.thermalizer_input,
+            "num_candidates": ev.num_candidates,
             "survival_ranges": {k: list(v) for k, v in ranges.items()},
             "survival_ranges_raw_truth": {k: list(statistic_range(flow_statistics(train)[k], ev.range_margin)) for k in ranges},
             "spectrum_distance_vq_reconstruction": spectrum_distance(reconstructed_truth, test),
