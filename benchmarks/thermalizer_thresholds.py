@@ -65,7 +65,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hf_models.metrics.rollout_stability import spectrum_distance
+    from hf_models.metrics.rollout_stability import late_window, spectrum_distance
     from hf_models.pipelines import ThermalizedRolloutPipeline
     from trainers.arguments import ConfigError
     from trainers.evaluate import load_run_task
@@ -86,13 +86,12 @@ def main():
     initial = task.rollout_initial_frames()
     # the spectra are compared with the training trajectories too: the test split stays unseen
     reference = task.frames("train").flatten(0, 1)
-    late_window = min(task.eval_args.late_window, args.steps)
+    window = min(task.eval_args.late_window, args.steps)
     early_window = min(task.eval_args.early_window, args.steps)
 
     def late_spectrum(frames: torch.Tensor) -> float:
-        late = frames[:, -late_window:]
-        valid = torch.isfinite(late).flatten(1).all(1)
-        return spectrum_distance(late[valid], reference) if valid.any() else float("inf")
+        late = late_window(frames, window)
+        return spectrum_distance(late, reference) if len(late) else float("inf")
 
     def arm(thermalize: bool) -> dict:
         start = time.perf_counter()
@@ -108,7 +107,7 @@ def main():
 
     emulator = arm(thermalize=False)
     print(f"emulator alone: median survival {emulator['median_survival']:.0f}, spectrum distance: first {early_window} steps "
-          f"{emulator['spectrum_distance_early']:.3f}, last {late_window} {emulator['spectrum_distance_late']:.3f}", flush=True)
+          f"{emulator['spectrum_distance_early']:.3f}, last {window} {emulator['spectrum_distance_late']:.3f}", flush=True)
     rows = []
     for s_init, s_stop, steps in args.pairs:
         steps = saved.config.num_denoising_steps if steps == KEEP else steps
@@ -135,7 +134,7 @@ def main():
         "initial_conditions": args.initial_conditions,
         "rollouts_per_initial_condition": args.rollouts_per_ic,
         "steps": args.steps,
-        "late_window": late_window,
+        "late_window": window,
         "early_window": early_window,
         "spectrum_reference": "the training trajectories (all frames)",
         "seed": args.seed,

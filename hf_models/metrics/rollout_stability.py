@@ -7,6 +7,7 @@ like with like: statistics of the emulator's frames against the same statistics 
 - `statistic_range`: the interval a statistic spans in the true dynamics, widened by a margin.
 - `survival_steps`: per trajectory, the first rollout step whose statistic leaves that interval (or is not finite,
   or the rollout was stopped); trajectories that never leave count the full length (censored).
+- `late_window`: the last frames of the trajectories still finite there (what late-window statistics are taken on).
 - `spectrum_distance`: mean absolute difference of ``log10`` ensemble energy spectra over the resolved shells.
 - `histogram_distance`: 1-D Wasserstein-1 distance between two samples of a statistic, in units of the
   reference's standard deviation (0 = same distribution; 1 = shifted by one standard deviation).
@@ -80,6 +81,19 @@ def survival_steps(values, low: float, high: float, stopped_at=None) -> torch.Te
         stopped_at = torch.as_tensor(stopped_at, dtype=torch.long)
         first = torch.where(stopped_at >= 0, torch.minimum(first, stopped_at - 1).clamp_min(0), first)
     return first.long()
+
+
+def late_window(frames, window: int) -> torch.Tensor:
+    """The last ``window`` frames of the trajectories ``(B, L, N, N)`` that are finite over all of them
+    ``(B', window, N, N)``: the late-window statistics of an arm are those of its rollouts still running at the end
+    (a stopped rollout's frames are NaN)."""
+    frames = torch.as_tensor(frames)
+    if frames.ndim != 4:
+        raise ValueError(f"frames must have shape (trajectories, steps, N, N), got {tuple(frames.shape)}")
+    if not 1 <= window <= frames.shape[1]:
+        raise ValueError(f"window={window} must lie in [1, {frames.shape[1]}] (the rollout's frames)")
+    late = frames[:, -window:]
+    return late[torch.isfinite(late).flatten(1).all(1)]
 
 
 def mean_spectrum(frames) -> tuple[torch.Tensor, torch.Tensor]:

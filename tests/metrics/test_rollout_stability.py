@@ -11,6 +11,7 @@ from hf_models.metrics.rollout_stability import (
     codebook_usage_distance,
     flow_statistics,
     histogram_distance,
+    late_window,
     mean_spectrum,
     median_ratio_interval,
     short_term_correlation,
@@ -154,6 +155,22 @@ def test_spectrum_distance_inf_for_nan_and_errors():
 
 
 # -------------------------------------------------------------------------------------------- histogram_distance
+def test_late_window_keeps_the_trajectories_finite_over_the_whole_window():
+    frames = torch.randn(4, 10, 8, 8)
+    frames[1, 9, 0, 0] = float("nan")  # stopped in the window
+    frames[2, 2] = float("nan")  # NaN only before the window
+    frames[3, 7:] = float("inf")
+    late = late_window(frames, 3)
+    assert late.shape == (2, 3, 8, 8)
+    assert torch.equal(late, frames[[0, 2], -3:])
+    assert late_window(frames, 10).shape == (1, 10, 8, 8)  # the whole rollout: only trajectory 0 is finite
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="window"):
+            late_window(frames, bad)
+    with pytest.raises(ValueError, match="trajectories, steps"):
+        late_window(frames[0], 3)
+
+
 def test_histogram_distance_of_a_shift_is_shift_over_std():
     gen = torch.Generator().manual_seed(0)
     reference = torch.randn(500, generator=gen, dtype=torch.float64) * 3 + 1

@@ -145,6 +145,7 @@ def test_bad_thermalizer_config_fails_before_training(tmp_path):
                              ["num_initial_conditions", "num_train_trajectories"]),
                             (["--evaluation.initial_frame", "1000"], ["initial_frame", "num_frames"]),
                             (["--evaluation.rollouts_per_initial_condition", "0"], ["rollouts_per_initial_condition", ">= 1"]),
+                            (["--evaluation.num_candidates", "0"], ["num_candidates", ">= 1"]),
                             (["--model.emulator.frame_decoding", "raster"], ["frame_decoding", "autoregressive"])):
         out = tmp_path / "bad"
         proc = subprocess.run([sys.executable, "-m", "trainers.train", TINY, "--training.output_dir", str(out), *override],
@@ -207,11 +208,12 @@ def test_evaluate_cli_reevaluates_with_another_rollout_length(tiny_run):
     # the thermalize step's settings are evaluation overrides too, including ones the saved scheduler left at default
     proc = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(tiny_run), "--evaluation.rollout_steps", "12",
                            "--evaluation.late_window", "4", "--evaluation.renoise", "true", "--evaluation.eta", "0.0",
-                           "--evaluation.s_init", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--evaluation.s_init", "2", "--evaluation.num_candidates", "3"], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     changed = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert (changed["renoise"], changed["eta"], changed["s_init"]) == (True, 0.0, 2)
-    assert (results["renoise"], results["eta"]) == (False, None)
+    assert (changed["renoise"], changed["eta"], changed["s_init"], changed["num_candidates"]) == (True, 0.0, 2, 3)
+    assert (results["renoise"], results["eta"], results["num_candidates"]) == (False, None, 1)
     assert changed["median_survival_emulator"] == results["median_survival_emulator"]  # same random numbers
 
 

@@ -445,6 +445,7 @@ class ThermalizerTask(Task):
             codebook_usage_distance,
             flow_statistics,
             histogram_distance,
+            late_window,
             median_ratio_interval,
             short_term_correlation,
             spectrum_distance,
@@ -495,17 +496,16 @@ class ThermalizerTask(Task):
             frames = output.frames  # (B, L + 1, S, S)
             stats, per_statistic, survival = self.survival(output, ranges)
             results.update({f"median_survival_{arm}_{name}": float(v.float().median()) for name, v in per_statistic.items()})
-            late = frames[:, -ev.late_window:]
+            late = late_window(frames, ev.late_window)
             late_codes = output.codes[:, -ev.late_window:]
-            late_valid = torch.isfinite(late).flatten(1).all(1)
             corr = short_term_correlation(frames[:, 1: num_truth + 1], truth_rows[:, 1: num_truth + 1])
             results.update({
                 f"survival_{arm}": survival.tolist(),  # per rollout (initial condition i: rows i*k .. i*k + k - 1)
                 f"median_survival_{arm}": float(survival.float().median()),
                 f"mean_survival_{arm}": float(survival.float().mean()),
                 f"survived_full_rollout_{arm}": int((survival == ev.rollout_steps).sum()),
-                f"spectrum_distance_{arm}": spectrum_distance(late[late_valid], test) if late_valid.any() else float("inf"),
-                f"enstrophy_histogram_distance_{arm}": histogram_distance(flow_statistics(late[late_valid])["enstrophy"], test_enstrophy) if late_valid.any() else float("inf"),
+                f"spectrum_distance_{arm}": spectrum_distance(late, test) if len(late) else float("inf"),
+                f"enstrophy_histogram_distance_{arm}": histogram_distance(flow_statistics(late)["enstrophy"], test_enstrophy) if len(late) else float("inf"),
                 f"codebook_usage_distance_{arm}": codebook_usage_distance(late_codes[late_codes >= 0], test_codes, size) if (late_codes >= 0).any() else 1.0,
                 f"short_term_correlation_{arm}": [round(float(c), 5) for c in corr],
                 f"short_term_correlation_mean_{arm}": float(corr.mean()),
@@ -542,7 +542,7 @@ class ThermalizerTask(Task):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from hf_models.metrics.rollout_stability import mean_spectrum
+        from hf_models.metrics.rollout_stability import late_window, mean_spectrum
 
         ev = self.eval_args
         colours = {"emulator": "tab:red", "thermalizer": "tab:blue", "noise_control": "tab:grey"}
@@ -574,8 +574,7 @@ class ThermalizerTask(Task):
         kmax = test.shape[-1] // 3
         ax.loglog(k[1: kmax + 1], e[1: kmax + 1], "k-", lw=2, label="truth")
         for arm, output in arms.items():
-            late = output.frames[:, -ev.late_window:]
-            late = late[torch.isfinite(late).flatten(2).all(2)]
+            late = late_window(output.frames, ev.late_window)
             if len(late):
                 k, e = mean_spectrum(late)
                 ax.loglog(k[1: kmax + 1], e[1: kmax + 1], color=colours[arm], label=f"{arm.replace('_', ' ')} (last {ev.late_window} steps)")
