@@ -58,6 +58,8 @@ def main():
                         help="the scheduler's eta for every row (DDIM steps; default: the run's, DDPM steps if unset)")
     parser.add_argument("--candidates", type=int, default=1,
                         help="thermalizations per fired state, the classifier keeping the least noisy (the pipeline's num_candidates)")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="the emulator's sampling temperature in every arm (default: the run's evaluation.temperature)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results-name", default="thermalizer_thresholds",
                         help="the figures go to benchmarks/results/NAME.json")
@@ -87,6 +89,7 @@ def main():
     # the spectra are compared with the training trajectories too: the test split stays unseen
     reference = task.frames("train").flatten(0, 1)
     window = min(task.eval_args.late_window, args.steps)
+    temperature = task.eval_args.temperature if args.temperature is None else args.temperature
     early_window = min(task.eval_args.early_window, args.steps)
 
     def late_spectrum(frames: torch.Tensor) -> float:
@@ -96,7 +99,7 @@ def main():
     def arm(thermalize: bool) -> dict:
         start = time.perf_counter()
         output = pipe(initial, num_steps=args.steps, thermalize=thermalize, generator=torch.Generator().manual_seed(args.seed),
-                      num_candidates=args.candidates)
+                      num_candidates=args.candidates, temperature=temperature)
         _, _, survival = task.survival(output, ranges)
         return {"median_survival": float(survival.float().median()), "mean_survival": float(survival.float().mean()),
                 "survival": survival.tolist(), "fire_rate": float(output.fired.float().mean()),
@@ -139,6 +142,7 @@ def main():
         "spectrum_reference": "the training trajectories (all frames)",
         "seed": args.seed,
         "num_candidates": args.candidates,
+        "temperature": temperature,
         "survival_ranges": {k: list(v) for k, v in ranges.items()},
         "emulator": emulator,
         "pairs": rows,
