@@ -309,6 +309,18 @@ def test_candidates_keep_the_requantized_draw_the_classifier_reads_as_least_nois
     # one candidate is the single draw
     single = pipe(x, num_steps=3, generator=gen(6))
     assert torch.equal(pipe(x, num_steps=3, generator=gen(6), num_candidates=1).codes, single.codes)
+    # the noise control selects among its own candidates: its first step is the pick among k noise-only chains
+    control = pipe(x, num_steps=1, generator=gen(6), num_candidates=k, noise_control=True)
+    g, noise = streams(6)
+    with torch.no_grad():
+        drawn = pipe.emulator.sample_next_frame(vq.encode(x[:, None]).flatten(1), generator=g)
+        sample = therm.normalize(vq.embed(drawn.view(3, 4, 4)))
+        res = pipe.scheduler.thermalize(therm, sample.repeat_interleave(k, 0), generator=noise,
+                                        levels=torch.full((3 * k,), 10), noise_control=True)
+        candidates = vq.quantize(therm.denormalize(res.sample)).flatten(1).view(3, k, 16)
+        logits = therm(therm.normalize(vq.embed(candidates.view(-1, 4, 4)))).level_logits
+        pick = (logits.softmax(-1) * torch.arange(T)).sum(-1).view(3, k).argmin(1)
+    assert torch.equal(control.codes[:, 1].flatten(1), candidates[torch.arange(3), pick])
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True])
