@@ -277,6 +277,13 @@ def test_noise_control_same_firing_different_codes():
     assert torch.equal(control.codes[:, 1], expected)
 
 
+def least_noisy(pipe, candidates):
+    """Code grids `(b, k, 16)` -> per state the index of the candidate with the lowest expected level."""
+    embedded = pipe.vq_tokenizer.embed(candidates.view(-1, 4, 4))
+    logits = pipe.thermalizer(pipe.thermalizer.normalize(embedded)).level_logits
+    return (logits.softmax(-1) * torch.arange(T)).sum(-1).view(candidates.shape[:2]).argmin(1)
+
+
 def test_candidates_keep_the_requantized_draw_the_classifier_reads_as_least_noisy(monkeypatch):
     k = 4
     pipe = small_pipe()
@@ -297,9 +304,7 @@ def test_candidates_keep_the_requantized_draw_the_classifier_reads_as_least_nois
             res = pipe.scheduler.thermalize(therm, sample.repeat_interleave(k, 0), generator=noise,
                                             levels=torch.full((3 * k,), 10))
             candidates = vq.quantize(therm.denormalize(res.sample)).flatten(1).view(3, k, 16)
-            logits = therm(therm.normalize(vq.embed(candidates.view(-1, 4, 4)))).level_logits
-            expected = (logits.softmax(-1) * torch.arange(T)).sum(-1).view(3, k)
-            pick = expected.argmin(1)
+            pick = least_noisy(pipe, candidates)
             picks.append(pick)
             current = candidates[torch.arange(3), pick]
             assert torch.equal(out.codes[:, step + 1].flatten(1), current), step
@@ -318,9 +323,7 @@ def test_candidates_keep_the_requantized_draw_the_classifier_reads_as_least_nois
         res = pipe.scheduler.thermalize(therm, sample.repeat_interleave(k, 0), generator=noise,
                                         levels=torch.full((3 * k,), 10), noise_control=True)
         candidates = vq.quantize(therm.denormalize(res.sample)).flatten(1).view(3, k, 16)
-        logits = therm(therm.normalize(vq.embed(candidates.view(-1, 4, 4)))).level_logits
-        pick = (logits.softmax(-1) * torch.arange(T)).sum(-1).view(3, k).argmin(1)
-    assert torch.equal(control.codes[:, 1].flatten(1), candidates[torch.arange(3), pick])
+    assert torch.equal(control.codes[:, 1].flatten(1), candidates[torch.arange(3), least_noisy(pipe, candidates)])
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True])
