@@ -257,7 +257,8 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
 
     @torch.no_grad()
     def sample_next_frame(self, codes: torch.LongTensor, temperature: float = 1.0,
-                          generator: Optional[torch.Generator] = None, return_logits: bool = False):
+                          generator: Optional[torch.Generator] = None, return_logits: bool = False,
+                          cache_implementation: Optional[str] = "static"):
         """Draw the next frame's codes `(B, n)` at `temperature` (`temperature=0` takes the argmax); randomness only
         from `generator`. With `frame_decoding="parallel"` every code is drawn independently from its softmax (one
         forward pass); with `"autoregressive"` the codes are drawn one after the other by `generate()` (KV cache,
@@ -265,7 +266,11 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
 
         With `return_logits`, returns `(codes, logits)`: the logits `(B, n, codebook_size)` the codes were drawn from
         (autoregressive: each code's given the codes drawn before it, recomputed in one teacher-forced pass, which
-        draws no random numbers)."""
+        draws no random numbers).
+
+        `cache_implementation` is passed to `generate()` (autoregressive only): the default `"static"` preallocates
+        the KV cache for the `2 n + 1` tokens of a frame pair, which draws the same codes as the dynamic cache (`None`)
+        about 25 % faster on CPU (the dynamic cache concatenates at every step; `benchmarks/rollout.py`)."""
         if self.config.frame_decoding == "parallel":
             logits = self.next_frame_logits(codes)
             drawn = self.sample_from_frame_logits(logits, temperature, generator)
@@ -273,7 +278,8 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
         if not temperature >= 0:
             raise ValueError(f"temperature={temperature!r} is invalid: expected a number >= 0 (0 = argmax)")
         drawn = self._generate_chunk(self.frame_prompt_ids(codes), self.config.num_codes,
-                                     temperature if temperature > 0 else None, None, None, None, generator, True)
+                                     temperature if temperature > 0 else None, None, None, None, generator, True,
+                                     cache_implementation=cache_implementation)
         return (drawn, self.next_frame_logits(codes, drawn)) if return_logits else drawn
 
     @staticmethod
@@ -298,7 +304,7 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
         return draws.to(logits.device)
 
     def _generate_chunk(self, context, new, temperature, top_k, top_p, guidance_scale, generator, use_cache,
-                        callback=None, done=0):
+                        callback=None, done=0, cache_implementation=None):
         config = self.config
         processors = LogitsProcessorList()
         if guidance_scale is not None:
@@ -336,6 +342,7 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
             max_new_tokens=new,
             min_new_tokens=new,
             use_cache=use_cache,
+            **({"cache_implementation": cache_implementation} if cache_implementation is not None else {}),
             bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id,
             pad_token_id=config.pad_token_id,
