@@ -232,7 +232,12 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                     # the candidates of a state share its level, so its firing and stop decisions
                     fired_now, stop = out.fired[::num_candidates], out.stopped[::num_candidates].cpu()
                     if num_candidates > 1:
-                        requantized = self._select_candidate(requantized, num_candidates, h, w)
+                        # only fired states have distinct candidates to choose from; the others keep their codes below
+                        grouped = requantized.view(len(rows), num_candidates, -1)
+                        requantized = grouped[:, 0].clone()
+                        chosen = fired_now.nonzero().flatten().to(requantized.device)
+                        if len(chosen):
+                            requantized[chosen] = self._select_candidate(grouped[chosen].flatten(0, 1), num_candidates, h, w)
                     fired[rows, step] = fired_now.cpu()
                     changes[rows, step] = (requantized != new).sum(1).cpu()
                     new = torch.where(fired_now.to(new.device)[:, None], requantized, new)

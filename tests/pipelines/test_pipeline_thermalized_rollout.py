@@ -326,6 +326,30 @@ def test_candidates_keep_the_requantized_draw_the_classifier_reads_as_least_nois
     assert torch.equal(control.codes[:, 1].flatten(1), candidates[torch.arange(3), least_noisy(pipe, candidates)])
 
 
+def test_candidates_are_ranked_only_for_states_that_fire(monkeypatch):
+    k = 3
+    pipe = small_pipe()
+    # state 1 stays below s_init, states 0 and 2 fire
+    monkeypatch.setattr(pipe.thermalizer, "predict_level", lambda sample: torch.tensor([10, 0, 10])[: sample.shape[0]])
+    ranked = []
+    select = pipe._select_candidate
+    monkeypatch.setattr(pipe, "_select_candidate", lambda c, *a: ranked.append(c.shape[0]) or select(c, *a))
+    x = frames(3, seed=4)
+    out = pipe(x, num_steps=1, generator=gen(8), num_candidates=k)
+    assert out.fired[:, 0].tolist() == [True, False, True] and ranked == [2 * k]
+    g, noise = streams(8)
+    vq, therm = pipe.vq_tokenizer, pipe.thermalizer
+    with torch.no_grad():
+        drawn = pipe.emulator.sample_next_frame(vq.encode(x[:, None]).flatten(1), generator=g)
+        sample = therm.normalize(vq.embed(drawn.view(3, 4, 4)))
+        res = pipe.scheduler.thermalize(therm, sample.repeat_interleave(k, 0), generator=noise,
+                                        levels=torch.tensor([10, 0, 10]).repeat_interleave(k))
+        candidates = vq.quantize(therm.denormalize(res.sample)).flatten(1).view(3, k, 16)
+    assert torch.equal(out.codes[1, 1].flatten(), drawn[1]) and out.requantized_changes[1, 0] == 0
+    fired = candidates[[0, 2]]
+    assert torch.equal(out.codes[[0, 2], 1].flatten(1), fired[torch.arange(2), least_noisy(pipe, fired)])
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True])
 def test_bad_num_candidates(bad):
     with pytest.raises(ValueError, match="num_candidates"):
