@@ -1,12 +1,13 @@
 """Rollout speed of the thermalized emulator: frames per second with and without the thermalizer (and the noise-only
-control), and the Kolmogorov solver it replaces, all measured in the same run.
+control), the emulator step with a static against a dynamic KV cache, and the Kolmogorov solver it replaces, all
+measured in the same run.
 
     python benchmarks/rollout.py --output-dir outputs/thermalizer_kolmogorov --trajectories 16 --steps 200
 
 The pipeline comes from a finished ``thermalizer_kolmogorov`` run (how often the thermalizer fires, and so its cost,
 depends on the trained classifier). The solver peer integrates the same number of trajectories over the same physical
 time at its own resolution (``grid_size``), so ``emulator_speedup_over_solver`` is what the learned emulator buys.
-Writes ``benchmarks/results/rollout.json``.
+Writes ``benchmarks/results/rollout.json`` (``--name`` changes the file name).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ def main():
     parser.add_argument("--trajectories", type=int, default=16)
     parser.add_argument("--steps", type=int, default=200, help="emulator steps per timed rollout")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--name", default="rollout", help="results file benchmarks/results/NAME.json")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,6 +63,29 @@ def main():
         fire[arm] = float(result.fired.float().mean())
     fps = {arm: args.trajectories * args.steps / seconds for arm, seconds in timings.items()}
 
+    # the emulator's KV cache: the static one (the default of sample_next_frame) against transformers' dynamic one,
+    # the same chained draws (autoregressive decoding only; with parallel decoding there is no cache)
+    cache = {}
+    if pipe.emulator.config.frame_decoding == "autoregressive":
+        codes0 = pipe.encode_frames(initial).flatten(1)
+        cache_steps = min(args.steps, 20)
+        drawn = {}
+        for name, implementation in (("static", "static"), ("dynamic", None)):
+            pipe.emulator.sample_next_frame(codes0[:2], cache_implementation=implementation)  # warm-up
+            g, codes = torch.Generator().manual_seed(0), codes0
+            start = time.perf_counter()
+            for _ in range(cache_steps):
+                codes = pipe.emulator.sample_next_frame(codes, generator=g, cache_implementation=implementation)
+            cache[name] = args.trajectories * cache_steps / (time.perf_counter() - start)
+            drawn[name] = codes
+        cache = {
+            "emulator_cache_steps": cache_steps,
+            "frames_per_s_emulator_step_static_cache": round(cache["static"], 2),
+            "frames_per_s_emulator_step_dynamic_cache": round(cache["dynamic"], 2),
+            "ratio_static_over_dynamic_cache": round(cache["static"] / cache["dynamic"], 3),
+            "static_and_dynamic_cache_draw_the_same_codes": bool(torch.equal(drawn["static"], drawn["dynamic"])),
+        }
+
     # the solver peer: the same trajectories over the same physical time
     solver_config = data_args.solver_config()
     solver = KolmogorovSolver(solver_config)
@@ -88,6 +113,9 @@ def main():
         "frames_per_s_noise_control": round(fps["noise_control"], 2),
         "ratio_thermalizer_over_emulator": round(fps["thermalizer"] / fps["emulator"], 3),
         "fire_rate_thermalizer": fire["thermalizer"],
+        "frame_decoding": pipe.emulator.config.frame_decoding,
+        "codes_per_frame": pipe.emulator.config.num_codes,
+        **cache,
         "solver_grid_size": solver_config.grid_size,
         "solver_steps_per_frame": steps_per_frame,
         "solver_steps_per_s": round(solver_steps_per_s, 2),
@@ -97,7 +125,7 @@ def main():
         "thermalized_speedup_over_solver": round(fps["thermalizer"] / solver_fps, 3),
     }
     print(json.dumps(result, indent=2))
-    write_results("rollout", result)
+    write_results(args.name, result)
 
 
 if __name__ == "__main__":
