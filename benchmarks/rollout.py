@@ -63,8 +63,8 @@ def main():
         fire[arm] = float(result.fired.float().mean())
     fps = {arm: args.trajectories * args.steps / seconds for arm, seconds in timings.items()}
 
-    # the emulator's KV cache: the static one (the default of sample_next_frame) against transformers' dynamic one,
-    # the same chained draws (autoregressive decoding only; with parallel decoding there is no cache)
+    # the emulator's KV cache: the static one against transformers' dynamic one (the default of sample_next_frame),
+    # chained draws from the same seed (autoregressive decoding only; with parallel decoding there is no cache)
     cache = {}
     if pipe.emulator.config.frame_decoding == "autoregressive":
         codes0 = pipe.encode_frames(initial).flatten(1)

@@ -399,14 +399,16 @@ def test_autoregressive_sampling_is_sequential_sampling_from_the_teacher_forced_
         assert torch.equal(model.next_frame_logits(current, greedy).argmax(-1), greedy)
 
 
-def test_autoregressive_sampling_draws_the_same_codes_with_the_static_and_the_dynamic_cache():
+def test_autoregressive_sampling_with_the_static_cache_matches_the_dynamic_one_on_a_small_model():
+    """cache_implementation reaches generate(); on this small model one frame's draws agree bit for bit (in general
+    rounding can flip a rare draw, see sample_next_frame)."""
     model = emulator("autoregressive")
     current = frame_codes(model.config, seed=7)
-    static = model.sample_next_frame(current, generator=torch.Generator().manual_seed(3))
-    dynamic = model.sample_next_frame(current, generator=torch.Generator().manual_seed(3), cache_implementation=None)
+    static = model.sample_next_frame(current, generator=torch.Generator().manual_seed(3), cache_implementation="static")
+    dynamic = model.sample_next_frame(current, generator=torch.Generator().manual_seed(3))
     assert torch.equal(static, dynamic)
-    assert torch.equal(model.sample_next_frame(current, temperature=0),
-                       model.sample_next_frame(current, temperature=0, cache_implementation=None))
+    assert torch.equal(model.sample_next_frame(current, temperature=0, cache_implementation="static"),
+                       model.sample_next_frame(current, temperature=0))
 
 
 def test_parallel_frame_decoding_draws_each_code_from_its_own_softmax():
