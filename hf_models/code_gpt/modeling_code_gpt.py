@@ -345,7 +345,7 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
             max_new_tokens=new,
             min_new_tokens=new,
             use_cache=use_cache,
-            **({"cache_implementation": cache_implementation} if cache_implementation is not None else {}),
+            cache_implementation=cache_implementation,
             bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id,
             pad_token_id=config.pad_token_id,
