@@ -58,6 +58,8 @@ def test_tiny_run_writes_pipeline_data_plots_metrics_and_card(tiny_run):
     # and of emulator steps, next to the level the emulator pairs train it on (a level of the schedule)
     step = [(r[k], r[k.replace("_mean", "_label_mean")]) for r in logged for k in r if k.endswith("level_emulator_step_mean")]
     assert step and all(0 <= a < 1000 and 0 <= b < 1000 for a, b in step), step
+    perturbed = [(r[k], r[k.replace("_mean", "_label_mean")]) for r in logged for k in r if k.endswith("level_perturbed_mean")]
+    assert perturbed and all(0 <= a < 1000 and 0 <= b < 1000 for a, b in perturbed), perturbed
     card = (out / "README.md").read_text()
     assert "ThermalizedRolloutPipeline" in card and "median_survival_thermalizer" in card and "model-index" in card
     assert "code by code" in card and "frame_decoding: autoregressive" in card  # says how the emulator draws a frame
@@ -91,6 +93,17 @@ def test_prepared_embeddings_are_codebook_vectors(tiny_run):
         assert torch.equal(pairs["target"][i], clean["embedding"][j])
     vectors = pairs["source"].permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
     assert (vectors[:, None, :] - codebook[None]).abs().amax(-1).amin(1).max() == 0
+    # large-scale perturbations: every true training frame once, re-tokenized (codebook vectors), with its own grid
+    perturbed = load_from_disk(str(tiny_run / "embeddings" / "perturbed")).with_format("torch")[:]
+    assert len(perturbed["frame"]) == 4 * 24
+    assert torch.equal(perturbed["target"], clean["embedding"])
+    assert perturbed["amplitude"].min() >= 0.05 and perturbed["amplitude"].max() <= 1.0
+    vectors = perturbed["source"].permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+    assert (vectors[:, None, :] - codebook[None]).abs().amax(-1).amin(1).max() == 0
+    # the perturbation moves codes, more of them the larger it is
+    changed = (perturbed["source"] != perturbed["target"]).any(1).flatten(1).float().mean(1)
+    order = perturbed["amplitude"].argsort()
+    assert changed[order[-24:]].mean() > changed[order[:24]].mean() > 0
 
 
 def test_evaluation_numbers_are_reproduced_from_the_saved_pipeline(tiny_run):
@@ -144,6 +157,8 @@ def test_bad_thermalizer_config_fails_before_training(tmp_path):
                             (["--evaluation.initial_split", "train", "--evaluation.num_initial_conditions", "9"],
                              ["num_initial_conditions", "num_train_trajectories"]),
                             (["--evaluation.initial_frame", "1000"], ["initial_frame", "num_frames"]),
+                            (["--data.perturbation_max_wavenumber", "8"], ["perturbation_max_wavenumber", "[1, 7]"]),
+                            (["--data.perturbation_min_amplitude", "2.0"], ["perturbation_min_amplitude", "0 < min <= max"]),
                             (["--evaluation.rollouts_per_initial_condition", "0"], ["rollouts_per_initial_condition", ">= 1"]),
                             (["--evaluation.num_candidates", "0"], ["num_candidates", ">= 1"]),
                             (["--model.emulator.frame_decoding", "raster"], ["frame_decoding", "autoregressive"])):
@@ -382,9 +397,11 @@ def test_pair_levels_match_the_noise_to_signal_ratio():
     assert torch.equal(pair_levels(source[[3, 1]], target[[3, 1]], abar), levels[[3, 1]])  # per grid
 
 
-def test_emulator_pairs_replace_their_share_of_the_batch():
-    """With share 1 every grid is an emulator step read at its pair level, and `noisy = sqrt(abar) truth + sqrt(1 -
-    abar) target` holds with the true next frame; with share 0 the batch is untouched; about the share is replaced."""
+@pytest.mark.parametrize("name, share", [("pairs", "emulator_pairs"), ("perturbed", "large_scale_perturbation")])
+def test_prepared_pairs_replace_their_share_of_the_batch(name, share):
+    """With share 1 every grid is a pair's source (an emulator step, a perturbed frame) read at its pair level, and
+    `noisy = sqrt(abar) truth + sqrt(1 - abar) target` holds with the pair's target (the true next frame, the frame's
+    own grid); with share 0 the batch is untouched; about the share is replaced."""
     from types import SimpleNamespace
 
     from hf_models.schedulers import ThermalizerScheduler
@@ -396,9 +413,10 @@ def test_emulator_pairs_replace_their_share_of_the_batch():
     source = truth + 0.5 * torch.randn(truth.shape, generator=gen)
     levels = pair_levels(source, truth, scheduler.alphas_cumprod)
     stage = ThermalizerStage.__new__(ThermalizerStage)
-    args = SimpleNamespace(emulator_pairs=1.0)
+    args = SimpleNamespace(emulator_pairs=0.0, large_scale_perturbation=0.0)
+    setattr(args, share, 1.0)
     stage.task = SimpleNamespace(scheduler=scheduler, data_args=args)
-    stage.prepared_pairs = lambda inner: (source, truth, levels)
+    stage.prepared_pairs = lambda inner, which: {name: (source, truth, levels)}[which]
     x0 = torch.randn(400, 3, 4, 4, generator=gen)
     noisy, target, t = x0 * 0.5, torch.randn(x0.shape, generator=gen), torch.randint(0, 50, (400,), generator=gen)
 
@@ -410,14 +428,31 @@ def test_emulator_pairs_replace_their_share_of_the_batch():
     abar = scheduler.alphas_cumprod[out_t].view(-1, 1, 1, 1)
     assert torch.allclose(out, abar.sqrt() * truth[idx] + (1 - abar).sqrt() * out_target, atol=1e-5)
 
-    args.emulator_pairs = 0.0
+    setattr(args, share, 0.0)
     kept = stage.pair(None, x0, noisy, target, t, torch.Generator().manual_seed(2))
     assert all(a is b for a, b in zip(kept, (noisy, target, t)))
-    args.emulator_pairs = 0.25
+    setattr(args, share, 0.25)
     out, out_target, out_t = stage.pair(None, x0, noisy, target, t, torch.Generator().manual_seed(2))
     replaced = (out != noisy).flatten(1).any(1)
     assert 0.15 < replaced.float().mean() < 0.35
     assert torch.equal(out_target[~replaced], target[~replaced]) and torch.equal(out_t[~replaced], t[~replaced])
+
+
+def test_large_scale_field_has_unit_rms_and_only_low_wavenumbers():
+    from trainers.tasks.thermalizer import large_scale_field
+
+    field = large_scale_field((6, 32, 32), 2, torch.Generator().manual_seed(0))
+    assert field.shape == (6, 32, 32) and field.dtype == torch.float32
+    assert torch.allclose(field.pow(2).mean((1, 2)), torch.ones(6), atol=1e-5)
+    power = torch.fft.fft2(field.double()).abs() ** 2
+    k = torch.fft.fftfreq(32, 1 / 32)
+    kk = (k.view(-1, 1) ** 2 + k.view(1, -1) ** 2).sqrt()
+    assert power[:, (kk < 1) | (kk > 2)].max() < 1e-12 * power.max()  # no mean, nothing above |k| = 2
+    assert (power[:, (kk >= 1) & (kk <= 2)].sum((-1)) > 0).all()
+    assert torch.equal(field, large_scale_field((6, 32, 32), 2, torch.Generator().manual_seed(0)))
+    assert not torch.equal(field, large_scale_field((6, 32, 32), 2, torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="max_wavenumber=16 must lie in"):
+        large_scale_field((1, 32, 32), 16, torch.Generator())
 
 
 def test_sigterm_during_the_final_evaluation_stops_it(tiny_run, tmp_path):

@@ -76,6 +76,15 @@ class KolmogorovDataArguments:
     # ratio matches their squared error (``pair_levels``): a correction target on the states the thermalizer meets in a
     # rollout; these grids take no other corruption
     emulator_pairs: float = 0.0
+    # share of the thermalizer's training grids that are a true training frame with a random large-scale field added
+    # in physical space (wavenumbers 1..perturbation_max_wavenumber, rms a log-uniform share in
+    # [perturbation_min_amplitude, perturbation_max_amplitude] of the frame's), re-tokenized, paired with the frame's
+    # own grid and read at their ``pair_levels``: on-codebook drift of the largest scales, the kind that ends the
+    # rollouts of a fine tokenizer's emulator (benchmarks/RESULTS.md); these grids take no other corruption
+    large_scale_perturbation: float = 0.0
+    perturbation_max_wavenumber: int = 2
+    perturbation_min_amplitude: float = 0.05
+    perturbation_max_amplitude: float = 1.0
 
     def __post_init__(self):
         if self.drift_rollout_steps < 1 or self.drift_trajectories < 1:
@@ -84,6 +93,15 @@ class KolmogorovDataArguments:
             raise ConfigError(f"data.codebook_substitution={self.codebook_substitution} must lie in [0, 1]")
         if not 0.0 <= self.emulator_pairs <= 1.0:
             raise ConfigError(f"data.emulator_pairs={self.emulator_pairs} must lie in [0, 1]")
+        if not 0.0 <= self.large_scale_perturbation <= 1.0:
+            raise ConfigError(f"data.large_scale_perturbation={self.large_scale_perturbation} must lie in [0, 1]")
+        if not 1 <= self.perturbation_max_wavenumber < self.frame_size // 2:
+            raise ConfigError(f"data.perturbation_max_wavenumber={self.perturbation_max_wavenumber} must lie in "
+                              f"[1, {self.frame_size // 2 - 1}] (below half of data.frame_size={self.frame_size})")
+        if not 0.0 < self.perturbation_min_amplitude <= self.perturbation_max_amplitude:
+            raise ConfigError(f"data.perturbation_min_amplitude={self.perturbation_min_amplitude} and "
+                              f"data.perturbation_max_amplitude={self.perturbation_max_amplitude} must satisfy "
+                              f"0 < min <= max")
         if self.frame_size < 4 or self.grid_size % self.frame_size:
             raise ConfigError(f"data.frame_size={self.frame_size} must be >= 4 and divide data.grid_size={self.grid_size}")
         if self.frame_stride < 1 or self.num_frames < 2 * self.frame_stride:
@@ -215,6 +233,22 @@ def pair_levels(source, target, alphas_cumprod) -> torch.LongTensor:
     mse = ((source - target) ** 2).mean((1, 2, 3))
     ratio = (1 - alphas_cumprod) / alphas_cumprod
     return (ratio.to(mse).view(1, -1) - mse.view(-1, 1)).abs().argmin(1)
+
+
+def large_scale_field(shape, max_wavenumber: int, generator) -> torch.Tensor:
+    """Random real fields ``(B, S, S)`` on the periodic box, unit rms each, with all their power at the integer
+    wavenumbers ``1 <= |k| <= max_wavenumber`` (independent Gaussian Fourier coefficients of equal variance)."""
+    B, S, _ = shape
+    if not 1 <= max_wavenumber < S // 2:
+        raise ValueError(f"max_wavenumber={max_wavenumber} must lie in [1, {S // 2 - 1}] for {S}x{S} fields")
+    ky = torch.fft.fftfreq(S, 1.0 / S).view(-1, 1)
+    kx = torch.fft.rfftfreq(S, 1.0 / S).view(1, -1)
+    k = (kx**2 + ky**2).sqrt()
+    mask = ((k >= 1) & (k <= max_wavenumber)).to(torch.float64)
+    coeffs = torch.complex(torch.randn(B, S, S // 2 + 1, generator=generator, dtype=torch.float64),
+                           torch.randn(B, S, S // 2 + 1, generator=generator, dtype=torch.float64))
+    field = torch.fft.irfft2(coeffs * mask, s=(S, S))
+    return (field / field.pow(2).mean((1, 2), keepdim=True).sqrt()).float()
 
 
 def _weights_key(*folders: Path) -> str:
@@ -759,8 +793,9 @@ class ThermalizerStage(Stage):
 
     @torch.no_grad()
     def prepare_data(self) -> Path:
-        """Clean (train/test) and drifted embeddings saved as ``datasets.Dataset`` under ``output_dir/embeddings``
-        (rebuilt when the tokenizer or the emulator changes)."""
+        """Clean (train/test) and drifted embeddings, and the optional emulator pairs, saved as ``datasets.Dataset``
+        under ``output_dir/embeddings`` (rebuilt when the tokenizer or the emulator changes); then the optional
+        large-scale perturbations (``prepare_perturbed``)."""
         from datasets import Dataset
 
         root = Path(self.task.output_dir) / "embeddings"
@@ -772,6 +807,7 @@ class ThermalizerStage(Stage):
         if prep.emulator_pairs > 0:
             settings["pairs"] = True
         if meta.is_file() and json.loads(meta.read_text()) == settings:
+            self.prepare_perturbed(root)
             return root
         tmp = root.with_name("embeddings.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -812,7 +848,46 @@ class ThermalizerStage(Stage):
         (tmp / "meta.json").write_text(json.dumps(settings))
         shutil.rmtree(root, ignore_errors=True)
         tmp.rename(root)
+        self.prepare_perturbed(root)
         return root
+
+    @torch.no_grad()
+    def prepare_perturbed(self, root: Path):
+        """With ``large_scale_perturbation``: every true training frame once, with a large-scale field added in
+        physical space and re-tokenized, saved with the frame's own grid as ``root/perturbed`` (its own settings in
+        ``perturbed.json``: changing the perturbation does not redo the drift rollouts)."""
+        from datasets import Dataset
+
+        prep = self.task.data_args
+        if prep.large_scale_perturbation <= 0:
+            return
+        settings = {"vq": _weights_key(Path(self.task.output_dir) / "vq_tokenizer"), "seed": self.task.config.training.seed,
+                    "perturbation": [prep.perturbation_max_wavenumber, prep.perturbation_min_amplitude,
+                                     prep.perturbation_max_amplitude]}
+        meta = root / "perturbed.json"
+        if meta.is_file() and json.loads(meta.read_text()) == settings and (root / "perturbed").is_dir():
+            return
+        meta.unlink(missing_ok=True)
+        vq, gen = self.task.vq(), torch.Generator().manual_seed(self.task.config.training.seed + 1)
+        shutil.rmtree(root / "perturbed.tmp", ignore_errors=True)
+        frames = self.task.frames("train")
+        pixels = frames.flatten(0, 1) / self.task.frame_scale
+        lo, hi = math.log(prep.perturbation_min_amplitude), math.log(prep.perturbation_max_amplitude)
+        amplitude = (lo + (hi - lo) * torch.rand(len(pixels), generator=gen, dtype=torch.float64)).exp().float()
+        rms = pixels.pow(2).mean((1, 2)).sqrt()
+        field = large_scale_field(pixels.shape, prep.perturbation_max_wavenumber, gen)
+        perturbed = (pixels + (amplitude * rms).view(-1, 1, 1) * field).unsqueeze(1)
+        codes = torch.cat([vq.encode(perturbed[i: i + 1024]) for i in range(0, len(perturbed), 1024)])
+        Dataset.from_dict({
+            "source": vq.embed(codes).numpy(),
+            "target": self._embeddings("train").numpy(),
+            "amplitude": amplitude.numpy(),
+            "trajectory": torch.arange(frames.shape[0]).repeat_interleave(frames.shape[1]).numpy(),
+            "frame": torch.arange(frames.shape[1]).repeat(frames.shape[0]).numpy(),
+        }).save_to_disk(str(root / "perturbed.tmp"))
+        shutil.rmtree(root / "perturbed", ignore_errors=True)
+        (root / "perturbed.tmp").rename(root / "perturbed")
+        meta.write_text(json.dumps(settings))
 
     def build_datasets(self, accelerator):
         from datasets import load_from_disk
@@ -867,35 +942,40 @@ class ThermalizerStage(Stage):
             noisy = torch.where(picked.view(-1, 1, 1, 1), alone, noisy)
         return noisy, (noisy - abar.sqrt() * x0) / (1 - abar).sqrt(), t
 
-    def prepared_pairs(self, inner):
-        """``(source, target, level)``: the prepared emulator steps and their true next frames (normalized) and each
-        pair's level (``pair_levels``); loaded once."""
-        cached = getattr(self, "_pairs", None)
+    def prepared_pairs(self, inner, name: str = "pairs"):
+        """``(source, target, level)`` of a prepared pair data set (normalized), with each pair's level
+        (``pair_levels``); loaded once. ``"pairs"``: the emulator steps and their true next frames; ``"perturbed"``:
+        the large-scale perturbed frames and their own grids."""
+        cached = getattr(self, "_prepared", {}).get(name)
         if cached is not None and cached[0].device == inner.device:
             return cached
         from datasets import load_from_disk
 
-        pairs = load_from_disk(str(Path(self.task.output_dir) / "embeddings" / "pairs")).with_format("torch")[:]
+        pairs = load_from_disk(str(Path(self.task.output_dir) / "embeddings" / name)).with_format("torch")[:]
         source, target = (inner.normalize(pairs[k].to(inner.device)).detach() for k in ("source", "target"))
         levels = pair_levels(source, target, self.task.scheduler.alphas_cumprod.to(inner.device))
-        self._pairs = (source, target, levels)
-        return self._pairs
+        self._prepared = {**getattr(self, "_prepared", {}), name: (source, target, levels)}
+        return self._prepared[name]
 
     def pair(self, inner, x0, noisy, target, t, generator):
-        """Replace a share ``emulator_pairs`` of a corrupted batch by emulator pairs: the grid is the emulator's
-        step, the clean grid the true next frame, the level ``pair_levels`` of the two and the noise target the one
-        that explains the step as a level-``t`` sample of the true frame, ``(x_t - sqrt(abar) x0) / sqrt(1 - abar)``."""
-        share = self.task.data_args.emulator_pairs
-        if share <= 0:
-            return noisy, target, t
-        source, truth, levels = self.prepared_pairs(inner)
-        picked = (torch.rand(len(x0), generator=generator) < share).to(x0.device)
-        idx = torch.randint(0, len(source), (len(x0),), generator=generator).to(x0.device)
-        t = torch.where(picked, levels[idx], t)
-        noisy = torch.where(picked.view(-1, 1, 1, 1), source[idx].to(noisy.dtype), noisy)
-        abar = self.task.scheduler.alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1)
-        paired_target = (noisy - abar.sqrt() * truth[idx].to(x0.dtype)) / (1 - abar).sqrt()
-        return noisy, torch.where(picked.view(-1, 1, 1, 1), paired_target, target), t
+        """Replace a share ``emulator_pairs`` of a corrupted batch by emulator pairs, then a share
+        ``large_scale_perturbation`` by perturbed frames. The grid is the pair's source (the emulator's step, or the
+        perturbed frame's grid), the clean grid its target (the true next frame, or the frame's own grid), the level
+        ``pair_levels`` of the two and the noise target the one that explains the source as a level-``t`` sample of
+        the target, ``(x_t - sqrt(abar) x0) / sqrt(1 - abar)``."""
+        for name, share in (("pairs", self.task.data_args.emulator_pairs),
+                            ("perturbed", self.task.data_args.large_scale_perturbation)):
+            if share <= 0:
+                continue
+            source, truth, levels = self.prepared_pairs(inner, name)
+            picked = (torch.rand(len(x0), generator=generator) < share).to(x0.device)
+            idx = torch.randint(0, len(source), (len(x0),), generator=generator).to(x0.device)
+            t = torch.where(picked, levels[idx], t)
+            noisy = torch.where(picked.view(-1, 1, 1, 1), source[idx].to(noisy.dtype), noisy)
+            abar = self.task.scheduler.alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1)
+            paired_target = (noisy - abar.sqrt() * truth[idx].to(x0.dtype)) / (1 - abar).sqrt()
+            target = torch.where(picked.view(-1, 1, 1, 1), paired_target, target)
+        return noisy, target, t
 
     def compute_loss(self, model, batch, generator):
         inner = getattr(model, "module", model)
@@ -945,6 +1025,11 @@ class ThermalizerStage(Stage):
             source, _, levels = self.prepared_pairs(inner)
             metrics["level_emulator_step_mean"] = float(torch.cat([inner.predict_level(source[i: i + 512]) for i in range(0, len(source), 512)]).double().mean())
             metrics["level_emulator_step_label_mean"] = float(levels.double().mean())
+        if self.task.data_args.large_scale_perturbation > 0:
+            # the classifier's reading of the perturbed frames, and the level they train it on
+            source, _, levels = self.prepared_pairs(inner, "perturbed")
+            metrics["level_perturbed_mean"] = float(torch.cat([inner.predict_level(source[i: i + 512]) for i in range(0, len(source), 512)]).double().mean())
+            metrics["level_perturbed_label_mean"] = float(levels.double().mean())
         self.task.stage_metrics.update({f"thermalizer_{k}": v for k, v in metrics.items()})
         return metrics
 
