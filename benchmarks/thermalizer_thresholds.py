@@ -96,20 +96,38 @@ def main():
         late = late_window(frames, window)
         return spectrum_distance(late, reference) if len(late) else float("inf")
 
+    def exits(stats: dict, survival: torch.Tensor, stopped_at: torch.Tensor) -> dict:
+        """How the rollouts that died did: stopped at `s_max`, or which statistic left its range on which side."""
+        counts = {"stopped": 0}
+        for i, step in enumerate(survival.tolist()):
+            if step >= args.steps:
+                continue
+            if 0 <= int(stopped_at[i]) <= step + 1:  # survival_steps caps a stopped rollout at the step before
+                counts["stopped"] += 1
+                continue
+            for name, (low, high) in ranges.items():
+                value = float(stats[name][i, step])
+                if not low <= value <= high:  # also NaN
+                    side = "above" if value > high else "below" if value < low else "not_finite"
+                    counts[f"{name}_{side}"] = counts.get(f"{name}_{side}", 0) + 1
+                    break
+        return {"exits": counts}
+
     def arm(thermalize: bool) -> dict:
         start = time.perf_counter()
         output = pipe(initial, num_steps=args.steps, thermalize=thermalize, generator=torch.Generator().manual_seed(args.seed),
                       num_candidates=args.candidates, temperature=temperature)
-        _, _, survival = task.survival(output, ranges)
+        stats, _, survival = task.survival(output, ranges)
         return {"median_survival": float(survival.float().median()), "mean_survival": float(survival.float().mean()),
-                "survival": survival.tolist(), "fire_rate": float(output.fired.float().mean()),
+                "survival": survival.tolist(), **exits(stats, survival, output.stopped_at),
+                "fire_rate": float(output.fired.float().mean()),
                 "requantized_changes_mean": float(output.requantized_changes.float().mean()),
                 "spectrum_distance_late": late_spectrum(output.frames),
                 "spectrum_distance_early": spectrum_distance(output.frames[:, 1: early_window + 1], reference),
                 "seconds": round(time.perf_counter() - start, 1)}
 
     emulator = arm(thermalize=False)
-    print(f"emulator alone: median survival {emulator['median_survival']:.0f}, spectrum distance: first {early_window} steps "
+    print(f"emulator alone: median survival {emulator['median_survival']:.0f}, exits {emulator['exits']}, spectrum distance: first {early_window} steps "
           f"{emulator['spectrum_distance_early']:.3f}, last {window} {emulator['spectrum_distance_late']:.3f}", flush=True)
     rows = []
     for s_init, s_stop, steps in args.pairs:
@@ -124,7 +142,7 @@ def main():
         row["survival_ratio"] = row["median_survival"] / max(emulator["median_survival"], 1.0)
         rows.append(row)
         print(f"s_init {s_init:3d} s_stop {s_stop:3d} num_denoising_steps {steps} eta {row['eta']}: median survival {row['median_survival']:.0f} "
-              f"(ratio {row['survival_ratio']:.2f}), fired {row['fire_rate']:.0%}, "
+              f"(ratio {row['survival_ratio']:.2f}), exits {row['exits']}, fired {row['fire_rate']:.0%}, "
               f"{row['requantized_changes_mean']:.1f} codes changed per step, late spectrum distance "
               f"{row['spectrum_distance_late']:.3f}", flush=True)
 
