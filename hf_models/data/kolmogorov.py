@@ -185,6 +185,21 @@ def _wavenumbers(n: int, dtype: torch.dtype, device=None) -> Tuple[torch.Tensor,
     return ky, kx
 
 
+def large_scale_field(shape, max_wavenumber: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Random real fields ``(B, S, S)`` on ``[0, 2π)²``, unit rms each, with all their power at the integer
+    wavenumbers ``1 <= |k| <= max_wavenumber`` (independent Gaussian Fourier coefficients of equal variance)."""
+    B, S, _ = shape
+    if not 1 <= max_wavenumber < S // 2:
+        raise ValueError(f"max_wavenumber={max_wavenumber} must lie in [1, {S // 2 - 1}] for {S}x{S} fields")
+    ky, kx = _wavenumbers(S, torch.float64)
+    k = (kx**2 + ky**2).sqrt()
+    mask = ((k >= 1) & (k <= max_wavenumber)).to(torch.float64)
+    coeffs = torch.complex(torch.randn(B, S, S // 2 + 1, generator=generator, dtype=torch.float64),
+                           torch.randn(B, S, S // 2 + 1, generator=generator, dtype=torch.float64))
+    field = torch.fft.irfft2(coeffs * mask, s=(S, S))
+    return (field / field.pow(2).mean((1, 2), keepdim=True).sqrt()).float()
+
+
 def _rfft_weights(n: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """Parseval weights of the half-plane rfft2 grid: 2 for 0 < k_x < n/2 (their conjugates are not stored), else 1."""
     w = torch.full((1, n // 2 + 1), 2.0, dtype=dtype, device=device)

@@ -439,7 +439,7 @@ def test_prepared_pairs_replace_their_share_of_the_batch(name, share):
 
 
 def test_large_scale_field_has_unit_rms_and_only_low_wavenumbers():
-    from trainers.tasks.thermalizer import large_scale_field
+    from hf_models.data.kolmogorov import large_scale_field
 
     field = large_scale_field((6, 32, 32), 2, torch.Generator().manual_seed(0))
     assert field.shape == (6, 32, 32) and field.dtype == torch.float32

@@ -237,22 +237,6 @@ def pair_levels(source, target, alphas_cumprod) -> torch.LongTensor:
     return (ratio.to(mse).view(1, -1) - mse.view(-1, 1)).abs().argmin(1)
 
 
-def large_scale_field(shape, max_wavenumber: int, generator) -> torch.Tensor:
-    """Random real fields ``(B, S, S)`` on the periodic box, unit rms each, with all their power at the integer
-    wavenumbers ``1 <= |k| <= max_wavenumber`` (independent Gaussian Fourier coefficients of equal variance)."""
-    B, S, _ = shape
-    if not 1 <= max_wavenumber < S // 2:
-        raise ValueError(f"max_wavenumber={max_wavenumber} must lie in [1, {S // 2 - 1}] for {S}x{S} fields")
-    ky = torch.fft.fftfreq(S, 1.0 / S).view(-1, 1)
-    kx = torch.fft.rfftfreq(S, 1.0 / S).view(1, -1)
-    k = (kx**2 + ky**2).sqrt()
-    mask = ((k >= 1) & (k <= max_wavenumber)).to(torch.float64)
-    coeffs = torch.complex(torch.randn(B, S, S // 2 + 1, generator=generator, dtype=torch.float64),
-                           torch.randn(B, S, S // 2 + 1, generator=generator, dtype=torch.float64))
-    field = torch.fft.irfft2(coeffs * mask, s=(S, S))
-    return (field / field.pow(2).mean((1, 2), keepdim=True).sqrt()).float()
-
-
 def _weights_key(*folders: Path) -> str:
     digest = hashlib.sha256()
     for folder in folders:
@@ -877,6 +861,8 @@ class ThermalizerStage(Stage):
         lo, hi = math.log(prep.perturbation_min_amplitude), math.log(prep.perturbation_max_amplitude)
         amplitude = (lo + (hi - lo) * torch.rand(len(pixels), generator=gen, dtype=torch.float64)).exp().float()
         rms = pixels.pow(2).mean((1, 2)).sqrt()
+        from hf_models.data.kolmogorov import large_scale_field
+
         field = large_scale_field(pixels.shape, prep.perturbation_max_wavenumber, gen)
         perturbed = (pixels + (amplitude * rms).view(-1, 1, 1) * field).unsqueeze(1)
         codes = torch.cat([vq.encode(perturbed[i: i + 1024]) for i in range(0, len(perturbed), 1024)])
