@@ -1008,16 +1008,14 @@ class ThermalizerStage(Stage):
             emb = drifted["embedding"][mask].to(accelerator.device)
             levels = torch.cat([inner.predict_level(inner.normalize(emb[i: i + 512])) for i in range(0, len(emb), 512)])
             metrics[f"level_drifted_{name}_mean"] = float(levels.double().mean())
-        if self.task.data_args.emulator_pairs > 0:
-            # the classifier's reading of one emulator step from a true frame, and the level the pairs train it on
-            source, _, levels = self.prepared_pairs(inner)
-            metrics["level_emulator_step_mean"] = float(torch.cat([inner.predict_level(source[i: i + 512]) for i in range(0, len(source), 512)]).double().mean())
-            metrics["level_emulator_step_label_mean"] = float(levels.double().mean())
-        if self.task.data_args.large_scale_perturbation > 0:
-            # the classifier's reading of the perturbed frames, and the level they train it on
-            source, _, levels = self.prepared_pairs(inner, "perturbed")
-            metrics["level_perturbed_mean"] = float(torch.cat([inner.predict_level(source[i: i + 512]) for i in range(0, len(source), 512)]).double().mean())
-            metrics["level_perturbed_label_mean"] = float(levels.double().mean())
+        # the classifier's reading of each prepared pair set (one emulator step from a true frame; a perturbed
+        # frame), and the level the pairs train it on
+        for name, key, share in (("pairs", "emulator_step", self.task.data_args.emulator_pairs),
+                                 ("perturbed", "perturbed", self.task.data_args.large_scale_perturbation)):
+            if share > 0:
+                source, _, levels = self.prepared_pairs(inner, name)
+                metrics[f"level_{key}_mean"] = float(torch.cat([inner.predict_level(source[i: i + 512]) for i in range(0, len(source), 512)]).double().mean())
+                metrics[f"level_{key}_label_mean"] = float(levels.double().mean())
         self.task.stage_metrics.update({f"thermalizer_{k}": v for k, v in metrics.items()})
         return metrics
 
