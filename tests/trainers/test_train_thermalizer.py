@@ -480,3 +480,25 @@ def test_sigterm_during_the_final_evaluation_stops_it(tiny_run, tmp_path):
     assert "stopped by SIGTERM during the final export/evaluation" in stderr  # trainers.train's own line
     assert not (run / "eval_results.json").exists()
     assert history(run) == history(tiny_run)  # nothing retrained
+
+
+def test_extend_benchmark_repeats_the_evaluation_or_refuses(tiny_run, tmp_path):
+    """benchmarks/thermalizer_extend.py rolls out the thermalizer arm again, longer: its first steps must repeat the
+    evaluation's arm (common random numbers), and it refuses a run whose emulator rollouts outlived the evaluation."""
+    saved = json.loads((tiny_run / "eval_results.json").read_text())
+    steps = saved["rollout_steps"] + 10
+    result_file = tmp_path / "extend.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(tiny_run),
+                           "--steps", str(steps), "--results-file", str(result_file)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    if max(saved["survival_emulator"]) >= saved["rollout_steps"]:
+        assert proc.returncode != 0 and "still in range" in proc.stderr, proc.stderr
+        assert not result_file.exists()
+        return
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(result_file.read_text())
+    assert result["survival_emulator"] == saved["survival_emulator"]
+    n = saved["rollout_steps"]
+    assert [min(v, n) for v in result["survival_thermalizer"]] == [min(v, n) for v in saved["survival_thermalizer"]]
+    assert all(0 <= v <= steps for v in result["survival_thermalizer"])
+    assert result["survival_ratio"] == result["median_survival_thermalizer"] / max(result["median_survival_emulator"], 1.0)

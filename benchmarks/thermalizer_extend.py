@@ -1,0 +1,119 @@
+"""Extend the thermalizer arm of a finished run's evaluation past its rollout length, to measure a survival ratio the
+evaluation's length caps (a median at ``rollout_steps`` says only "at least").
+
+    python benchmarks/thermalizer_extend.py --output-dir outputs/thermalizer_kolmogorov_16x16 --steps 2100
+
+Only the thermalizer arm is rolled out again, which halves the cost of a longer evaluation. The emulator arm is read
+from the run's ``eval_results.json``: that is only valid when every emulator rollout left the range within the
+evaluation's length, and the script refuses otherwise. The arm draws from the evaluation's seed with the
+evaluation's thresholds (common random numbers), so its first ``rollout_steps`` steps must repeat the evaluation's
+thermalizer arm. The script checks this on every survival time the evaluation saw end and stops with an error if
+one differs: another machine kind rounds differently, and then the two arms no longer share their random numbers.
+The survival ratio is ``median(thermalizer) / median(emulator)`` (lower medians) with the evaluation's paired
+bootstrap interval. Writes ``benchmarks/results/NAME.json`` (default ``thermalizer_extend``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import machine, write_results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--output-dir", default="outputs/thermalizer_kolmogorov_16x16",
+                        help="a finished thermalizer run, evaluated (its eval_results.json)")
+    parser.add_argument("--steps", type=int, required=True, help="emulator steps of the extended thermalizer arm")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--results-name", default="thermalizer_extend", help="the figures go to benchmarks/results/NAME.json")
+    parser.add_argument("--results-file", default=None, help="write the figures here instead")
+    args = parser.parse_args()
+    if args.steps < 1:
+        raise SystemExit(f"error: --steps={args.steps} must be >= 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from hf_models.metrics.rollout_stability import median_ratio_interval
+    from hf_models.pipelines import ThermalizedRolloutPipeline
+    from trainers.arguments import ConfigError
+    from trainers.evaluate import load_run_task
+
+    out = Path(args.output_dir)
+    evaluated = out / "eval_results.json"
+    if not evaluated.is_file():
+        raise SystemExit(f"error: {evaluated} is missing: evaluate the run first (python -m trainers.evaluate {out} --write)")
+    saved = json.loads(evaluated.read_text())
+    try:
+        emulator = [int(v) for v in saved["survival_emulator"]]
+        thermalizer_saved = [int(v) for v in saved["survival_thermalizer"]]
+        evaluated_steps = int(saved["rollout_steps"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise SystemExit(f"error: {evaluated} has no per-rollout survival ({err}): re-run the evaluation") from None
+    if max(emulator) >= evaluated_steps:
+        raise SystemExit(f"error: {sum(v >= evaluated_steps for v in emulator)} emulator rollouts were still in range at the "
+                         f"evaluation's {evaluated_steps} steps, so their survival is not known: evaluate with more "
+                         f"--evaluation.rollout_steps instead")
+    try:
+        task = load_run_task(out)  # the run's evaluation settings: seed, initial conditions, temperature
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+    ev = task.eval_args
+    if ev.rollout_steps != evaluated_steps or ev.num_initial_conditions * ev.rollouts_per_initial_condition != len(emulator):
+        raise SystemExit(f"error: {evaluated} was written with other evaluation settings than {out / 'config.yaml'} "
+                         f"({evaluated_steps} steps, {len(emulator)} rollouts): re-run the evaluation")
+    pipe = ThermalizedRolloutPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    thresholds = {k: saved[k] for k in ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise", "eta") if saved.get(k) is not None}
+    pipe.scheduler = pipe.scheduler.with_config(**thresholds)
+    ranges = task.survival_ranges(pipe)
+    start = time.perf_counter()
+    output = pipe(task.rollout_initial_frames(), num_steps=args.steps, thermalize=True, noise_control=False,
+                  temperature=ev.temperature, generator=torch.Generator().manual_seed(ev.seed), output_type="pt",
+                  thermalizer_input=ev.thermalizer_input, num_candidates=ev.num_candidates)
+    seconds = time.perf_counter() - start
+    _, _, survival = task.survival(output, ranges)
+    survival = [int(v) for v in survival]
+    common = min(args.steps, evaluated_steps)
+    differ = [i for i, (new, old) in enumerate(zip(survival, thermalizer_saved)) if min(new, common) != min(old, common)]
+    if differ:
+        raise SystemExit(f"error: rollouts {differ} do not repeat the evaluation's thermalizer arm within its first "
+                         f"{common} steps (survival {[survival[i] for i in differ]} against {[thermalizer_saved[i] for i in differ]}): "
+                         "the arms no longer share their random numbers (another machine kind?); evaluate with more "
+                         "--evaluation.rollout_steps instead")
+    median_emulator = float(torch.tensor(emulator).float().median())
+    median_thermalizer = float(torch.tensor(survival).float().median())
+    low, high = median_ratio_interval(survival, emulator, cluster_size=ev.rollouts_per_initial_condition)
+    result = {
+        "benchmark": "thermalizer_extend",
+        **machine(),
+        "output_dir": str(out),
+        "evaluated_steps": evaluated_steps,
+        "steps": args.steps,
+        "seconds": round(seconds, 1),
+        **thresholds,
+        "survival_emulator": emulator,
+        "survival_thermalizer": survival,
+        "median_survival_emulator": median_emulator,
+        "median_survival_thermalizer": median_thermalizer,
+        "survived_full_rollout_thermalizer": sum(v >= args.steps for v in survival),
+        "survival_ratio": median_thermalizer / max(median_emulator, 1.0),
+        "survival_ratio_ci95_low": low,
+        "survival_ratio_ci95_high": high,
+        "survival_ratio_capped": median_thermalizer >= args.steps,
+        "fire_rate_thermalizer": float(output.fired.float().mean()),
+        "repeats_the_evaluation": True,
+    }
+    print(f"{args.steps} steps ({seconds:.0f} s): median survival emulator {median_emulator:.0f} / thermalizer "
+          f"{median_thermalizer:.0f}{' (capped)' if result['survival_ratio_capped'] else ''}, ratio {result['survival_ratio']:.2f} "
+          f"(95 % interval {low:.2f}-{high:.2f}); {result['survived_full_rollout_thermalizer']} of {len(survival)} in range at the end")
+    write_results(args.results_name, result, args.results_file)
+
+
+if __name__ == "__main__":
+    main()
