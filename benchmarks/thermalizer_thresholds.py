@@ -12,6 +12,9 @@ true training trajectories as the tokenizer represents them. Each arm draws from
 with ``--seed``, so pairs are compared on common random numbers. Each row also gives the late-window energy-spectrum
 distance (the last ``evaluation.late_window`` steps) to the training trajectories, next to the emulator's own for its
 first ``evaluation.early_window`` steps: the quality a pair must keep while it extends survival. Writes ``benchmarks/results/thermalizer_thresholds.json``.
+
+``--skip-emulator`` leaves out the emulator-alone arm (and the ratios): the rows are the same rollouts either way, so
+two thermalizers trained on one emulator are compared by running this on each, the emulator arm on one of them only.
 """
 
 from __future__ import annotations
@@ -60,9 +63,13 @@ def main():
                         help="thermalizations per fired state, the classifier keeping the least noisy (the pipeline's num_candidates)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="the emulator's sampling temperature in every arm (default: the run's evaluation.temperature)")
+    parser.add_argument("--skip-emulator", action="store_true",
+                        help="roll out only the thermalized rows (no emulator-alone arm, no ratios): to compare two "
+                             "thermalizers of one emulator whose emulator arm another run of this script measured")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results-name", default="thermalizer_thresholds",
                         help="the figures go to benchmarks/results/NAME.json")
+    parser.add_argument("--results-file", default=None, help="write the figures here instead")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,9 +133,11 @@ def main():
                 "spectrum_distance_early": spectrum_distance(output.frames[:, 1: early_window + 1], reference),
                 "seconds": round(time.perf_counter() - start, 1)}
 
-    emulator = arm(thermalize=False)
-    print(f"emulator alone: median survival {emulator['median_survival']:.0f}, exits {emulator['exits']}, spectrum distance: first {early_window} steps "
-          f"{emulator['spectrum_distance_early']:.3f}, last {window} {emulator['spectrum_distance_late']:.3f}", flush=True)
+    emulator = None
+    if not args.skip_emulator:
+        emulator = arm(thermalize=False)
+        print(f"emulator alone: median survival {emulator['median_survival']:.0f}, exits {emulator['exits']}, spectrum distance: first {early_window} steps "
+              f"{emulator['spectrum_distance_early']:.3f}, last {window} {emulator['spectrum_distance_late']:.3f}", flush=True)
     rows = []
     for s_init, s_stop, steps in args.pairs:
         steps = saved.config.num_denoising_steps if steps == KEEP else steps
@@ -139,10 +148,11 @@ def main():
             raise SystemExit(f"error: pair {s_init}:{s_stop}:{steps}: {err}") from None
         row = {"s_init": s_init, "s_stop": s_stop, "num_denoising_steps": steps, "eta": pipe.scheduler.config.eta,
                **arm(thermalize=True)}
-        row["survival_ratio"] = row["median_survival"] / max(emulator["median_survival"], 1.0)
+        row["survival_ratio"] = None if emulator is None else row["median_survival"] / max(emulator["median_survival"], 1.0)
         rows.append(row)
-        print(f"s_init {s_init:3d} s_stop {s_stop:3d} num_denoising_steps {steps} eta {row['eta']}: median survival {row['median_survival']:.0f} "
-              f"(ratio {row['survival_ratio']:.2f}), exits {row['exits']}, fired {row['fire_rate']:.0%}, "
+        ratio = "" if emulator is None else f" (ratio {row['survival_ratio']:.2f})"
+        print(f"s_init {s_init:3d} s_stop {s_stop:3d} num_denoising_steps {steps} eta {row['eta']}: median survival {row['median_survival']:.0f}"
+              f"{ratio}, exits {row['exits']}, fired {row['fire_rate']:.0%}, "
               f"{row['requantized_changes_mean']:.1f} codes changed per step, late spectrum distance "
               f"{row['spectrum_distance_late']:.3f}", flush=True)
 
@@ -165,7 +175,7 @@ def main():
         "emulator": emulator,
         "pairs": rows,
     }
-    write_results(args.results_name, result)
+    write_results(args.results_name, result, args.results_file)
 
 
 if __name__ == "__main__":

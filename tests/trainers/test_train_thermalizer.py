@@ -502,3 +502,23 @@ def test_extend_benchmark_repeats_the_evaluation_or_refuses(tiny_run, tmp_path):
     assert [min(v, n) for v in result["survival_thermalizer"]] == [min(v, n) for v in saved["survival_thermalizer"]]
     assert all(0 <= v <= steps for v in result["survival_thermalizer"])
     assert result["survival_ratio"] == result["median_survival_thermalizer"] / max(result["median_survival_emulator"], 1.0)
+
+
+def test_thresholds_benchmark_rows_do_not_depend_on_the_emulator_arm(tiny_run, tmp_path):
+    """benchmarks/thermalizer_thresholds.py draws every arm from a fresh generator: a row rolled out with
+    --skip-emulator is the same rollout as with the emulator arm before it, so two thermalizers of one emulator can be
+    compared without rolling the emulator out twice; without the emulator arm there is no ratio."""
+    def run(*extra):
+        result_file = tmp_path / f"thresholds{len(extra)}.json"
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_thresholds.py"), "--output-dir", str(tiny_run),
+                               "--initial-conditions", "4", "--initial-frame", "2", "--steps", "12", "--pairs", "5:2", "--results-file", str(result_file), *extra],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(result_file.read_text())
+
+    full, alone = run(), run("--skip-emulator")
+    assert full["emulator"] is not None and len(full["emulator"]["survival"]) == 4
+    assert alone["emulator"] is None and alone["pairs"][0]["survival_ratio"] is None
+    for key in ("survival", "fire_rate", "requantized_changes_mean", "spectrum_distance_late"):
+        assert alone["pairs"][0][key] == full["pairs"][0][key], key
+    assert full["pairs"][0]["survival_ratio"] == full["pairs"][0]["median_survival"] / max(full["emulator"]["median_survival"], 1.0)
