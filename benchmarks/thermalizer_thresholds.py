@@ -50,7 +50,8 @@ def parse_pair(text: str) -> tuple:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="outputs/thermalizer_kolmogorov", help="a finished thermalizer run")
-    parser.add_argument("--pairs", type=parse_pair, nargs="+", default=[(25, 10, KEEP), (15, 5, KEEP)], metavar="S_INIT:S_STOP[:K]")
+    parser.add_argument("--pairs", type=parse_pair, nargs="*", default=[(25, 10, KEEP), (15, 5, KEEP)], metavar="S_INIT:S_STOP[:K]",
+                        help="thermalized rows; --pairs with none rolls out the emulator arm alone")
     parser.add_argument("--initial-conditions", type=int, default=32)
     parser.add_argument("--initial-frame", type=int, default=100)
     parser.add_argument("--rollouts-per-ic", type=int, default=1,
@@ -71,6 +72,8 @@ def main():
                         help="the figures go to benchmarks/results/NAME.json")
     parser.add_argument("--results-file", default=None, help="write the figures here instead")
     args = parser.parse_args()
+    if args.skip_emulator and not args.pairs:
+        parser.error("--skip-emulator with no --pairs leaves nothing to roll out")
     if args.threads:
         torch.set_num_threads(args.threads)
 

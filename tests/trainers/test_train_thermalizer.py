@@ -506,17 +506,24 @@ def test_extend_benchmark_repeats_the_evaluation_or_refuses(tiny_run, tmp_path):
 
 def test_thresholds_benchmark_rows_do_not_depend_on_the_emulator_arm(tiny_run, tmp_path):
     """benchmarks/thermalizer_thresholds.py draws every arm from a fresh generator: a row rolled out with
-    --skip-emulator is the same rollout as with the emulator arm before it, so two thermalizers of one emulator can be
-    compared without rolling the emulator out twice; without the emulator arm there is no ratio."""
-    def run(*extra):
-        result_file = tmp_path / f"thresholds{len(extra)}.json"
+    --skip-emulator is the same rollout as with the emulator arm before it, and the emulator arm alone (--pairs with
+    none) the same as with rows after it, so two thermalizers of one emulator can be compared without rolling the
+    emulator out twice; without the emulator arm there is no ratio, and without either there is nothing to run."""
+    def run(name, *extra, pairs=("5:2",)):
+        result_file = tmp_path / f"{name}.json"
         proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_thresholds.py"), "--output-dir", str(tiny_run),
-                               "--initial-conditions", "4", "--initial-frame", "2", "--steps", "12", "--pairs", "5:2", "--results-file", str(result_file), *extra],
-                              cwd=REPO, capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr
+                               "--initial-conditions", "4", "--initial-frame", "2", "--steps", "12", "--pairs", *pairs,
+                               "--results-file", str(result_file), *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            assert not result_file.exists()
+            return proc
         return json.loads(result_file.read_text())
 
-    full, alone = run(), run("--skip-emulator")
+    full, alone, emulator = run("full"), run("alone", "--skip-emulator"), run("emulator", pairs=())
+    timeless = lambda arm: {k: v for k, v in arm.items() if k != "seconds"}
+    assert emulator["pairs"] == [] and timeless(emulator["emulator"]) == timeless(full["emulator"])
+    refused = run("nothing", "--skip-emulator", pairs=())
+    assert refused.returncode == 2 and "nothing to roll out" in refused.stderr
     assert full["emulator"] is not None and len(full["emulator"]["survival"]) == 4
     assert alone["emulator"] is None and alone["pairs"][0]["survival_ratio"] is None
     for key in ("survival", "fire_rate", "requantized_changes_mean", "spectrum_distance_late"):
