@@ -43,6 +43,7 @@ def main():
     from hf_models.pipelines import ThermalizedRolloutPipeline
     from trainers.arguments import ConfigError
     from trainers.evaluate import load_run_task
+    from trainers.tasks.thermalizer import THRESHOLD_KEYS
 
     out = Path(args.output_dir)
     evaluated = out / "eval_results.json"
@@ -69,7 +70,7 @@ def main():
                          f"({evaluated_steps} steps, {len(emulator)} rollouts): re-run the evaluation")
     pipe = ThermalizedRolloutPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
-    thresholds = {k: saved[k] for k in ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise", "eta") if saved.get(k) is not None}
+    thresholds = {k: saved[k] for k in THRESHOLD_KEYS if saved.get(k) is not None}
     pipe.scheduler = pipe.scheduler.with_config(**thresholds)
     ranges = task.survival_ranges(pipe)
     start = time.perf_counter()

@@ -73,6 +73,10 @@ class ThermalizerScheduler(DDPMScheduler):
             level `s` (`add_noise`, as in SDEdit), so a state that drifted without Gaussian noise (an emulator state
             whose codes stay on the codebook) is turned into a DDPM sample at level `s` the denoiser was trained on.
             `False` (the paper's) takes the state itself as that sample.
+        s_floor (`int`, *optional*): a fired item is denoised from level `max(s, s_floor)` instead of its predicted
+            level `s` (`s_stop < s_floor < num_train_timesteps`): a deeper, fixed-strength correction of every fired
+            state, whatever the classifier read, while `s_init` still decides which states fire. `None` (default, the
+            paper's) starts at `s`.
         eta (`float`, *optional*): denoise with DDIM steps of this `eta` instead (`0` deterministic, `1` the DDPM
             posterior's variance): `x_p = sqrt(abar_p) x0_pred + sqrt(1 - abar_p - sigma^2) eps + sigma z` with
             `sigma^2 = eta^2 (1 - abar_p) / (1 - abar_t) (1 - abar_t / abar_p)`. `None` (default) takes DDPM steps.
@@ -112,6 +116,7 @@ class ThermalizerScheduler(DDPMScheduler):
         num_denoising_steps: Optional[int] = None,
         renoise: bool = False,
         eta: Optional[float] = None,
+        s_floor: Optional[int] = None,
     ):
         if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) or num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={num_train_timesteps!r} is invalid: expected an int >= 2")
@@ -122,6 +127,13 @@ class ThermalizerScheduler(DDPMScheduler):
             raise ValueError(
                 f"s_stop={s_stop}, s_init={s_init}, s_max={s_max} with num_train_timesteps={num_train_timesteps} are "
                 f"invalid: expected 0 <= s_stop < s_init <= s_max < num_train_timesteps"
+            )
+        if s_floor is not None and (
+            not isinstance(s_floor, (int, np.integer)) or isinstance(s_floor, bool) or not s_stop < s_floor < num_train_timesteps
+        ):
+            raise ValueError(
+                f"s_floor={s_floor!r} is invalid: expected null (start at the predicted level) or an int with "
+                f"s_stop={s_stop} < s_floor < num_train_timesteps={num_train_timesteps}"
             )
         if num_denoising_steps is not None and (
             not isinstance(num_denoising_steps, (int, np.integer)) or isinstance(num_denoising_steps, bool) or num_denoising_steps < 1
@@ -211,9 +223,10 @@ class ThermalizerScheduler(DDPMScheduler):
         """
         One thermalization of a batch of emulator states.
 
-        For every fired item (`s_init < levels <= s_max`), the loop `t = max(levels[fired]), ..., s_stop + 1` runs
-        the items with `levels >= t` (only that sub-batch goes through `model`) through one DDPM reverse step
-        `t -> t-1` (`self.step`), so item `i` gets exactly `levels[i] - s_stop` steps and ends at level `s_stop`.
+        For every fired item (`s_init < levels <= s_max`), its start level is `levels[i]` (or `max(levels[i],
+        s_floor)` with `s_floor` set); the loop `t = max(start[fired]), ..., s_stop + 1` runs the items with
+        `start >= t` (only that sub-batch goes through `model`) through one DDPM reverse step `t -> t-1`
+        (`self.step`), so item `i` gets exactly `start[i] - s_stop` steps and ends at level `s_stop`.
         Steps are always single levels, whatever `set_timesteps` was called with before (it is restored after).
 
         Args:
@@ -243,14 +256,16 @@ class ThermalizerScheduler(DDPMScheduler):
         cfg = self.config
         stopped = levels > cfg.s_max
         fired = (levels > cfg.s_init) & ~stopped
+        # the level each fired item is denoised from (the predicted one, or at least s_floor)
+        start_levels = levels if cfg.get("s_floor") is None else torch.where(fired, levels.clamp_min(cfg.s_floor), levels)
         x = sample.clone()
         if cfg.renoise and bool(fired.any()):
             rows = fired.nonzero().flatten()
             noise = randn_tensor(x[rows].shape, generator=generator, device=x.device, dtype=x.dtype)
-            x[rows] = self.add_noise(x[rows], noise, levels[rows]).to(x.dtype)
+            x[rows] = self.add_noise(x[rows], noise, start_levels[rows]).to(x.dtype)
         if bool(fired.any()) and (cfg.num_denoising_steps is not None or cfg.eta is not None):
             rows_all = fired.nonzero().flatten()
-            start = levels[rows_all].double()
+            start = start_levels[rows_all].double()
             # DDIM steps without num_denoising_steps: one level per step, as the DDPM path
             K = cfg.num_denoising_steps or int(start.max()) - cfg.s_stop
             frac = torch.arange(K + 1, dtype=torch.float64, device=start.device) / K
@@ -269,13 +284,13 @@ class ThermalizerScheduler(DDPMScheduler):
                     num_model_calls += 1
                 x[rows] = self.step_between(eps, t[act], prev[act], x_t, generator=generator).to(x.dtype)
         elif bool(fired.any()):
-            top = int(levels[fired].max())
+            top = int(start_levels[fired].max())
             saved = self.num_inference_steps, self.custom_timesteps
             # with neither set, DDPM's previous_timestep(t) is t - 1
             self.num_inference_steps, self.custom_timesteps = None, False
             try:
                 for t in range(top, cfg.s_stop, -1):
-                    active = fired & (levels >= t)
+                    active = fired & (start_levels >= t)
                     x_t = x[active]
                     if noise_control:
                         eps = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)

@@ -435,6 +435,31 @@ def test_renoise_adds_the_level_noise_to_fired_items_first(num_denoising_steps, 
         ThermalizerScheduler(renoise="yes")
 
 
+@pytest.mark.parametrize("num_denoising_steps", [None, 4])
+def test_s_floor_denoises_fired_items_from_at_least_that_level(num_denoising_steps, tmp_path):
+    """s_floor: a fired item is denoised from max(level, s_floor), exactly as if its level had been given as that;
+    which items fire is still decided by the predicted level against s_init, and the returned levels stay the
+    predicted ones; unfired and stopped items stay bit-identical."""
+    levels = torch.tensor([30, 2, 12, 250])  # fired above the floor, below s_init, fired below the floor, stopped
+    x = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    floored = ThermalizerScheduler(s_init=10, s_stop=4, num_denoising_steps=num_denoising_steps, s_floor=20)
+    out = floored.thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels)
+    plain = ThermalizerScheduler(s_init=10, s_stop=4, num_denoising_steps=num_denoising_steps)
+    expected = plain.thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1),
+                                levels=torch.tensor([30, 2, 20, 250]))
+    assert torch.equal(out.fired, torch.tensor([True, False, True, False])) and torch.equal(out.levels, levels)
+    assert torch.allclose(out.sample, expected.sample, atol=1e-6)
+    assert torch.equal(out.sample[[1, 3]], x[[1, 3]])
+    without = plain.thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels)
+    assert not torch.allclose(out.sample[2], without.sample[2], atol=1e-2)  # the floor changed the low item
+
+    floored.save_config(tmp_path)
+    assert ThermalizerScheduler.from_pretrained(tmp_path).config.s_floor == 20
+    for bad in (4, 200, 20.0, True):
+        with pytest.raises(ValueError, match="s_floor="):
+            ThermalizerScheduler(num_train_timesteps=200, s_init=10, s_stop=4, s_max=150, s_floor=bad)
+
+
 def test_with_config_overrides_keys_a_saved_config_lacks(tmp_path):
     """A scheduler loaded from a config saved before a key existed records that key as defaulted (diffusers'
     `_use_default_values`), and plain `from_config({**config, **overrides})` drops an override of it; `with_config`

@@ -223,12 +223,12 @@ def test_evaluate_cli_reevaluates_with_another_rollout_length(tiny_run):
     # the thermalize step's settings are evaluation overrides too, including ones the saved scheduler left at default
     proc = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(tiny_run), "--evaluation.rollout_steps", "12",
                            "--evaluation.late_window", "4", "--evaluation.renoise", "true", "--evaluation.eta", "0.0",
-                           "--evaluation.s_init", "2", "--evaluation.num_candidates", "3"], cwd=REPO, capture_output=True,
-                          text=True, timeout=300)
+                           "--evaluation.s_init", "2", "--evaluation.num_candidates", "3", "--evaluation.s_floor", "8"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     changed = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert (changed["renoise"], changed["eta"], changed["s_init"], changed["num_candidates"]) == (True, 0.0, 2, 3)
-    assert (results["renoise"], results["eta"], results["num_candidates"]) == (False, None, 1)
+    assert (changed["renoise"], changed["eta"], changed["s_init"], changed["num_candidates"], changed["s_floor"]) == (True, 0.0, 2, 3, 8)
+    assert (results["renoise"], results["eta"], results["num_candidates"], results["s_floor"]) == (False, None, 1, None)
     assert changed["median_survival_emulator"] == results["median_survival_emulator"]  # same random numbers
 
 

@@ -39,6 +39,9 @@ logger = logging.getLogger(__name__)
 
 ARMS = ("emulator", "thermalizer", "noise_control")
 
+# the settings of the thermalize step an evaluation may override (default: the saved scheduler's); its results record them
+THRESHOLD_KEYS = ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise", "eta", "s_floor")
+
 
 @dataclass
 class KolmogorovDataArguments:
@@ -164,6 +167,7 @@ class ThermalizerEvalArguments:
     num_denoising_steps: Optional[int] = None
     renoise: Optional[bool] = None
     eta: Optional[float] = None
+    s_floor: Optional[int] = None
     thermalizer_input: str = "sampled"  # or "expected": the emulator's expected embedding (see the pipeline)
     # thermalizations drawn per fired state; the classifier keeps the least noisy (the pipeline's num_candidates)
     num_candidates: int = 1
@@ -474,7 +478,7 @@ class ThermalizerTask(Task):
 
         ev = self.eval_args
         train, test = self.frames("train"), self.frames("test")
-        thresholds = {k: getattr(ev, k) for k in ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise", "eta")
+        thresholds = {k: getattr(ev, k) for k in THRESHOLD_KEYS
                       if getattr(ev, k) is not None}
         if thresholds:
             try:
@@ -503,7 +507,7 @@ class ThermalizerTask(Task):
             "rollout_steps": ev.rollout_steps,
             "rollout_seconds": rollout_seconds,
             "frames_per_second": 3 * ev.num_initial_conditions * per_ic * ev.rollout_steps / rollout_seconds,
-            **{k: pipe.scheduler.config[k] for k in ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise", "eta")},
+            **{k: pipe.scheduler.config.get(k) for k in THRESHOLD_KEYS},
             "thermalizer_input": ev.thermalizer_input,
             "num_candidates": ev.num_candidates,
             "survival_ranges": {k: list(v) for k, v in ranges.items()},
