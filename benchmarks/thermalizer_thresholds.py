@@ -154,7 +154,7 @@ def main():
         except ValueError as err:
             raise SystemExit(f"error: pair {s_init}:{s_stop}:{steps}: {err}") from None
         row = {"s_init": s_init, "s_stop": s_stop, "num_denoising_steps": steps, "eta": pipe.scheduler.config.eta,
-               "s_floor": pipe.scheduler.config.get("s_floor"),
+               "s_floor": pipe.scheduler.config.s_floor,
                **arm(thermalize=True)}
         row["survival_ratio"] = None if emulator is None else row["median_survival"] / max(emulator["median_survival"], 1.0)
         rows.append(row)

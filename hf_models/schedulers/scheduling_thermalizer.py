@@ -256,8 +256,8 @@ class ThermalizerScheduler(DDPMScheduler):
         cfg = self.config
         stopped = levels > cfg.s_max
         fired = (levels > cfg.s_init) & ~stopped
-        # the level each fired item is denoised from (the predicted one, or at least s_floor)
-        start_levels = levels if cfg.get("s_floor") is None else torch.where(fired, levels.clamp_min(cfg.s_floor), levels)
+        # the level each fired item is denoised from (the predicted one, or at least s_floor); read at fired items only
+        start_levels = levels if cfg.s_floor is None else levels.clamp_min(cfg.s_floor)
         x = sample.clone()
         if cfg.renoise and bool(fired.any()):
             rows = fired.nonzero().flatten()

@@ -478,8 +478,7 @@ class ThermalizerTask(Task):
 
         ev = self.eval_args
         train, test = self.frames("train"), self.frames("test")
-        thresholds = {k: getattr(ev, k) for k in THRESHOLD_KEYS
-                      if getattr(ev, k) is not None}
+        thresholds = {k: getattr(ev, k) for k in THRESHOLD_KEYS if getattr(ev, k) is not None}
         if thresholds:
             try:
                 pipe.scheduler = pipe.scheduler.with_config(**thresholds)
@@ -507,7 +506,7 @@ class ThermalizerTask(Task):
             "rollout_steps": ev.rollout_steps,
             "rollout_seconds": rollout_seconds,
             "frames_per_second": 3 * ev.num_initial_conditions * per_ic * ev.rollout_steps / rollout_seconds,
-            **{k: pipe.scheduler.config.get(k) for k in THRESHOLD_KEYS},
+            **{k: pipe.scheduler.config[k] for k in THRESHOLD_KEYS},
             "thermalizer_input": ev.thermalizer_input,
             "num_candidates": ev.num_candidates,
             "survival_ranges": {k: list(v) for k, v in ranges.items()},
