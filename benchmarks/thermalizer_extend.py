@@ -11,6 +11,16 @@ thermalizer arm. The script checks this on every survival time the evaluation sa
 one differs: another machine kind rounds differently, and then the two arms no longer share their random numbers.
 The survival ratio is ``median(thermalizer) / median(emulator)`` (lower medians) with the evaluation's paired
 bootstrap interval. Writes ``benchmarks/results/NAME.json`` (default ``thermalizer_extend``).
+
+``--eval-results FILE`` reads the evaluation from another file than the run's ``eval_results.json`` (the copy a run
+keeps in ``benchmarks/results``, for a run re-trained without its evaluation); it must have been written with the
+run's evaluation settings. ``--s-floor N`` rolls out the thermalizer arm with that floor instead of the evaluation's
+(a threshold tuned after the evaluation was read): the emulator arm does not depend on the thermalizer's thresholds,
+so it is still the evaluation's, but the thermalizer arm is a new one and cannot be checked against the evaluation's
+(``repeats_the_evaluation`` is then false).
+
+    python benchmarks/thermalizer_extend.py --output-dir outputs/thermalizer_kolmogorov_16x16 --steps 2100 \
+        --eval-results benchmarks/results/thermalizer_survival_16x16.json --s-floor 30
 """
 
 from __future__ import annotations
@@ -30,6 +40,10 @@ def main():
     parser.add_argument("--output-dir", default="outputs/thermalizer_kolmogorov_16x16",
                         help="a finished thermalizer run, evaluated (its eval_results.json)")
     parser.add_argument("--steps", type=int, required=True, help="emulator steps of the extended thermalizer arm")
+    parser.add_argument("--eval-results", default=None,
+                        help="the evaluation to extend (default: OUTPUT_DIR/eval_results.json), written with the run's settings")
+    parser.add_argument("--s-floor", type=int, default=None,
+                        help="thermalize with this s_floor instead of the evaluation's (the arm is then not a repeat)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results-name", default="thermalizer_extend", help="the figures go to benchmarks/results/NAME.json")
     parser.add_argument("--results-file", default=None, help="write the figures here instead")
@@ -46,7 +60,7 @@ def main():
     from trainers.tasks.thermalizer import THRESHOLD_KEYS
 
     out = Path(args.output_dir)
-    evaluated = out / "eval_results.json"
+    evaluated = Path(args.eval_results) if args.eval_results else out / "eval_results.json"
     if not evaluated.is_file():
         raise SystemExit(f"error: {evaluated} is missing: evaluate the run first (python -m trainers.evaluate {out} --write)")
     saved = json.loads(evaluated.read_text())
@@ -71,7 +85,13 @@ def main():
     pipe = ThermalizedRolloutPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
     thresholds = {k: saved[k] for k in THRESHOLD_KEYS if saved.get(k) is not None}
-    pipe.scheduler = pipe.scheduler.with_config(**thresholds)
+    changed = {}
+    if args.s_floor is not None and args.s_floor != thresholds.get("s_floor"):
+        changed = {"s_floor": args.s_floor}
+    try:
+        pipe.scheduler = pipe.scheduler.with_config(**{**thresholds, **changed})
+    except ValueError as err:  # the scheduler names the allowed range
+        raise SystemExit(f"error: {err}") from None
     ranges = task.survival_ranges(pipe)
     start = time.perf_counter()
     output = pipe(task.rollout_initial_frames(), num_steps=args.steps, thermalize=True, noise_control=False,
@@ -82,7 +102,7 @@ def main():
     survival = [int(v) for v in survival]
     common = min(args.steps, evaluated_steps)
     differ = [i for i, (new, old) in enumerate(zip(survival, thermalizer_saved)) if min(new, common) != min(old, common)]
-    if differ:
+    if differ and not changed:
         raise SystemExit(f"error: rollouts {differ} do not repeat the evaluation's thermalizer arm within its first "
                          f"{common} steps (survival {[survival[i] for i in differ]} against {[thermalizer_saved[i] for i in differ]}): "
                          "the arms no longer share their random numbers (another machine kind?); evaluate with more "
@@ -97,7 +117,10 @@ def main():
         "evaluated_steps": evaluated_steps,
         "steps": args.steps,
         "seconds": round(seconds, 1),
+        "eval_results": str(evaluated),
         **thresholds,
+        **changed,
+        "changed_thresholds": sorted(changed),
         "survival_emulator": emulator,
         "survival_thermalizer": survival,
         "median_survival_emulator": median_emulator,
@@ -108,11 +131,12 @@ def main():
         "survival_ratio_ci95_high": high,
         "survival_ratio_capped": median_thermalizer >= args.steps,
         "fire_rate_thermalizer": float(output.fired.float().mean()),
-        "repeats_the_evaluation": True,
+        "repeats_the_evaluation": not changed,
     }
     print(f"{args.steps} steps ({seconds:.0f} s): median survival emulator {median_emulator:.0f} / thermalizer "
           f"{median_thermalizer:.0f}{' (capped)' if result['survival_ratio_capped'] else ''}, ratio {result['survival_ratio']:.2f} "
-          f"(95 % interval {low:.2f}-{high:.2f}); {result['survived_full_rollout_thermalizer']} of {len(survival)} in range at the end")
+          f"(95 % interval {low:.2f}-{high:.2f}); {result['survived_full_rollout_thermalizer']} of {len(survival)} in range at the end"
+          + (f"; {changed} instead of the evaluation's thresholds: a new arm, not a repeat" if changed else ""))
     write_results(args.results_name, result, args.results_file)
 
 

@@ -504,6 +504,34 @@ def test_extend_benchmark_repeats_the_evaluation_or_refuses(tiny_run, tmp_path):
     assert result["survival_ratio"] == result["median_survival_thermalizer"] / max(result["median_survival_emulator"], 1.0)
 
 
+def test_extend_benchmark_with_another_floor_keeps_the_emulator_arm(tiny_run, tmp_path):
+    """--s-floor rolls out a new thermalizer arm (not checked as a repeat) against the evaluation's emulator arm, read
+    from --eval-results; a floor the scheduler does not allow is refused by name and writes nothing."""
+    saved = json.loads((tiny_run / "eval_results.json").read_text())
+    # the tiny run's emulator leaves the range within its 30 steps (else the script refuses, as tested above)
+    assert max(saved["survival_emulator"]) < saved["rollout_steps"], saved["survival_emulator"]
+    copy = tmp_path / "copied_eval.json"
+    copy.write_text(json.dumps(saved))
+
+    def extend(floor, name):
+        result_file = tmp_path / f"{name}.json"
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(tiny_run),
+                               "--steps", str(saved["rollout_steps"] + 5), "--eval-results", str(copy), "--s-floor", str(floor),
+                               "--results-file", str(result_file)], cwd=REPO, capture_output=True, text=True, timeout=600)
+        return proc, result_file
+
+    proc, result_file = extend(saved["s_stop"] + 5, "floor")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(result_file.read_text())
+    assert result["s_floor"] == saved["s_stop"] + 5 and result["changed_thresholds"] == ["s_floor"]
+    assert result["repeats_the_evaluation"] is False and result["eval_results"] == str(copy)
+    assert result["survival_emulator"] == saved["survival_emulator"]
+    assert result["survival_ratio"] == result["median_survival_thermalizer"] / max(result["median_survival_emulator"], 1.0)
+    proc, result_file = extend(saved["s_stop"], "bad")
+    assert proc.returncode != 0 and "s_floor" in proc.stderr and "s_stop" in proc.stderr, proc.stderr
+    assert not result_file.exists()
+
+
 def test_thresholds_benchmark_rows_do_not_depend_on_the_emulator_arm(tiny_run, tmp_path):
     """benchmarks/thermalizer_thresholds.py draws every arm from a fresh generator: a row rolled out with
     --skip-emulator is the same rollout as with the emulator arm before it, and the emulator arm alone (--pairs with
