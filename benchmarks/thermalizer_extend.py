@@ -101,8 +101,9 @@ def main():
     _, _, survival = task.survival(output, ranges)
     survival = [int(v) for v in survival]
     common = min(args.steps, evaluated_steps)
-    differ = [i for i, (new, old) in enumerate(zip(survival, thermalizer_saved)) if min(new, common) != min(old, common)]
-    if differ and not changed:
+    # a repeat of the evaluation's arm must agree with it; an arm with changed thresholds is a new one
+    differ = [] if changed else [i for i, (new, old) in enumerate(zip(survival, thermalizer_saved)) if min(new, common) != min(old, common)]
+    if differ:
         raise SystemExit(f"error: rollouts {differ} do not repeat the evaluation's thermalizer arm within its first "
                          f"{common} steps (survival {[survival[i] for i in differ]} against {[thermalizer_saved[i] for i in differ]}): "
                          "the arms no longer share their random numbers (another machine kind?); evaluate with more "
