@@ -200,6 +200,18 @@ def large_scale_field(shape, max_wavenumber: int, generator: Optional[torch.Gene
     return (field / field.pow(2).mean((1, 2), keepdim=True).sqrt()).float()
 
 
+def large_scale_part(fields: torch.Tensor, max_wavenumber: int) -> torch.Tensor:
+    """The part of real fields ``(B, S, S)`` on ``[0, 2π)²`` at the integer wavenumbers ``1 <= |k| <= max_wavenumber``
+    (a sharp band-pass; the mean, ``k = 0``, is left out), in the fields' dtype."""
+    S = fields.shape[-1]
+    if not 1 <= max_wavenumber < S // 2:
+        raise ValueError(f"max_wavenumber={max_wavenumber} must lie in [1, {S // 2 - 1}] for {S}x{S} fields")
+    ky, kx = _wavenumbers(S, torch.float64, fields.device)
+    k = (kx**2 + ky**2).sqrt()
+    mask = ((k >= 1) & (k <= max_wavenumber)).to(torch.float64)
+    return torch.fft.irfft2(torch.fft.rfft2(fields.double()) * mask, s=(S, S)).to(fields.dtype)
+
+
 def _rfft_weights(n: int, dtype: torch.dtype, device=None) -> torch.Tensor:
     """Parseval weights of the half-plane rfft2 grid: 2 for 0 < k_x < n/2 (their conjugates are not stored), else 1."""
     w = torch.full((1, n // 2 + 1), 2.0, dtype=dtype, device=device)

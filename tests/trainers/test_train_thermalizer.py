@@ -159,6 +159,7 @@ def test_bad_thermalizer_config_fails_before_training(tmp_path):
                             (["--evaluation.initial_frame", "1000"], ["initial_frame", "num_frames"]),
                             (["--data.perturbation_max_wavenumber", "8"], ["perturbation_max_wavenumber", "[1, 7]"]),
                             (["--data.perturbation_min_amplitude", "2.0"], ["perturbation_min_amplitude", "0 < min <= max"]),
+                            (["--data.perturbation_kind", "shift"], ["perturbation_kind", "random", "amplify", "mixed"]),
                             (["--evaluation.rollouts_per_initial_condition", "0"], ["rollouts_per_initial_condition", ">= 1"]),
                             (["--evaluation.num_candidates", "0"], ["num_candidates", ">= 1"]),
                             (["--model.emulator.frame_decoding", "raster"], ["frame_decoding", "autoregressive"])):
@@ -557,3 +558,67 @@ def test_thresholds_benchmark_rows_do_not_depend_on_the_emulator_arm(tiny_run, t
     for key in ("survival", "fire_rate", "requantized_changes_mean", "spectrum_distance_late"):
         assert alone["pairs"][0][key] == full["pairs"][0][key], key
     assert full["pairs"][0]["survival_ratio"] == full["pairs"][0]["median_survival"] / max(full["emulator"]["median_survival"], 1.0)
+
+
+def test_large_scale_part_is_the_band_of_the_field_itself():
+    """`large_scale_part` keeps exactly the field's Fourier content at 1 <= |k| <= k_max: applying it twice changes
+    nothing, the rest has no power there, and a field built only from such modes is returned as it is."""
+    from hf_models.data.kolmogorov import large_scale_field, large_scale_part
+
+    gen = torch.Generator().manual_seed(3)
+    fields = torch.randn(5, 32, 32, generator=gen, dtype=torch.float64) + 2.0  # a mean and every wavenumber
+    part = large_scale_part(fields, 2)
+    assert part.shape == fields.shape and part.dtype == torch.float64
+    assert torch.allclose(large_scale_part(part, 2), part, atol=1e-12)
+    k = torch.fft.fftfreq(32, 1 / 32)
+    kk = (k.view(-1, 1) ** 2 + k.view(1, -1) ** 2).sqrt()
+    band = (kk >= 1) & (kk <= 2)
+    rest = torch.fft.fft2(fields - part).abs() ** 2
+    assert rest[:, band].max() < 1e-18 * rest.max()
+    assert torch.fft.fft2(part)[:, ~band].abs().max() < 1e-9
+    low = large_scale_field((5, 32, 32), 2, gen)
+    assert torch.allclose(large_scale_part(low, 2), low, atol=1e-6)
+    assert large_scale_part(low, 1).pow(2).mean() < low.pow(2).mean()  # |k| = 2 (and sqrt 2) modes removed
+    with pytest.raises(ValueError, match="max_wavenumber=16 must lie in"):
+        large_scale_part(fields, 16)
+
+
+@pytest.mark.parametrize("kind", ["amplify", "mixed"])
+def test_amplified_perturbations_are_the_frames_own_large_scales_grown(tiny_run, tmp_path, kind):
+    """`data.perturbation_kind` amplify: each perturbed grid is the tokenization of the frame plus `amplitude` times
+    its own part at 1 <= |k| <= k_max (so its energy grows); mixed: each is either that or a random-field grid, both
+    kinds present; the cache is redone when the kind changes and kept when it does not."""
+    import shutil
+
+    from datasets import load_from_disk
+
+    from hf_models.data.kolmogorov import large_scale_part
+    from hf_models.metrics.rollout_stability import flow_statistics
+    from trainers.arguments import load_config
+    from trainers.tasks.thermalizer import ThermalizerTask
+
+    run = tmp_path / "run"
+    for name in ("vq_tokenizer", "embeddings"):
+        shutil.copytree(tiny_run / name, run / name)
+    shutil.copy(tiny_run / "config.yaml", run)
+    random_grids = load_from_disk(str(run / "embeddings" / "perturbed")).with_format("torch")[:]["source"]
+    config = load_config(str(run / "config.yaml"), ["--training.output_dir", str(run), "--data.perturbation_kind", kind])
+    task = ThermalizerTask(config)
+    stage = task._stages[-1]
+    stage.prepare_perturbed(run / "embeddings")
+    assert json.loads((run / "embeddings" / "perturbed.json").read_text())["kind"] == kind
+    out = load_from_disk(str(run / "embeddings" / "perturbed")).with_format("torch")[:]
+    pixels = task.frames("train").flatten(0, 1) / task.frame_scale
+    grown = pixels + out["amplitude"].view(-1, 1, 1) * large_scale_part(pixels, 2)
+    vq = task.vq()
+    expected = vq.embed(vq.encode(grown.unsqueeze(1)))
+    same = (out["source"] == expected).flatten(1).all(1)
+    assert (flow_statistics(grown)["energy"] > flow_statistics(pixels)["energy"]).all()
+    if kind == "amplify":
+        assert same.all()
+    else:
+        assert 0.2 < same.float().mean() < 0.8, same.float().mean()
+        assert not torch.equal(out["source"], random_grids)
+    stamp = (run / "embeddings" / "perturbed").stat().st_mtime_ns
+    stage.prepare_perturbed(run / "embeddings")  # same settings: the cache is kept
+    assert (run / "embeddings" / "perturbed").stat().st_mtime_ns == stamp

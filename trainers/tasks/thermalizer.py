@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 ARMS = ("emulator", "thermalizer", "noise_control")
 
 # the settings of the thermalize step an evaluation may override (default: the saved scheduler's); its results record them
+PERTURBATION_KINDS = ("random", "amplify", "mixed")  # data.perturbation_kind
+
 THRESHOLD_KEYS = ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise", "eta", "s_floor")
 
 
@@ -88,6 +90,12 @@ class KolmogorovDataArguments:
     # +-50 %), 0.5 by 2.4x
     large_scale_perturbation: float = 0.0
     perturbation_max_wavenumber: int = 2
+    # "random": the added field is random (``large_scale_field``), with rms ``amplitude`` times the frame's;
+    # "amplify": it is the frame's own part at those wavenumbers times ``amplitude`` (``large_scale_part``), so the
+    # frame's large scales grow by a factor 1 + amplitude with their shape kept, as in the emulator's slow energy
+    # excursions, which keep the flow's pattern and raise its amplitude (benchmarks/RESULTS.md, stop 25); "mixed":
+    # each frame one of the two at even odds
+    perturbation_kind: str = "random"
     perturbation_min_amplitude: float = 0.02
     perturbation_max_amplitude: float = 0.5
 
@@ -103,6 +111,8 @@ class KolmogorovDataArguments:
         if not 1 <= self.perturbation_max_wavenumber < self.frame_size // 2:
             raise ConfigError(f"data.perturbation_max_wavenumber={self.perturbation_max_wavenumber} must lie in "
                               f"[1, {self.frame_size // 2 - 1}] (below half of data.frame_size={self.frame_size})")
+        if self.perturbation_kind not in PERTURBATION_KINDS:
+            raise ConfigError(f"data.perturbation_kind={self.perturbation_kind!r} must be one of {PERTURBATION_KINDS}")
         if not 0.0 < self.perturbation_min_amplitude <= self.perturbation_max_amplitude:
             raise ConfigError(f"data.perturbation_min_amplitude={self.perturbation_min_amplitude} and "
                               f"data.perturbation_max_amplitude={self.perturbation_max_amplitude} must satisfy "
@@ -853,6 +863,8 @@ class ThermalizerStage(Stage):
         settings = {"vq": _weights_key(Path(self.task.output_dir) / "vq_tokenizer"), "seed": self.task.config.training.seed,
                     "perturbation": [prep.perturbation_max_wavenumber, prep.perturbation_min_amplitude,
                                      prep.perturbation_max_amplitude]}
+        if prep.perturbation_kind != "random":
+            settings["kind"] = prep.perturbation_kind
         meta = root / "perturbed.json"
         if meta.is_file() and json.loads(meta.read_text()) == settings and (root / "perturbed").is_dir():
             return
@@ -863,11 +875,18 @@ class ThermalizerStage(Stage):
         pixels = frames.flatten(0, 1) / self.task.frame_scale
         lo, hi = math.log(prep.perturbation_min_amplitude), math.log(prep.perturbation_max_amplitude)
         amplitude = (lo + (hi - lo) * torch.rand(len(pixels), generator=gen, dtype=torch.float64)).exp().float()
-        rms = pixels.pow(2).mean((1, 2)).sqrt()
-        from hf_models.data.kolmogorov import large_scale_field
+        from hf_models.data.kolmogorov import large_scale_field, large_scale_part
 
-        field = large_scale_field(pixels.shape, prep.perturbation_max_wavenumber, gen)
-        perturbed = (pixels + (amplitude * rms).view(-1, 1, 1) * field).unsqueeze(1)
+        kind, k_max = prep.perturbation_kind, prep.perturbation_max_wavenumber
+        if kind in ("random", "mixed"):
+            rms = pixels.pow(2).mean((1, 2)).sqrt()
+            field = (amplitude * rms).view(-1, 1, 1) * large_scale_field(pixels.shape, k_max, gen)
+        if kind in ("amplify", "mixed"):
+            amplified = amplitude.view(-1, 1, 1) * large_scale_part(pixels, k_max)
+            # "mixed": each frame one of the two, at even odds
+            field = amplified if kind == "amplify" else torch.where(
+                (torch.rand(len(pixels), generator=gen) < 0.5).view(-1, 1, 1), amplified, field)
+        perturbed = (pixels + field).unsqueeze(1)
         codes = torch.cat([vq.encode(perturbed[i: i + 1024]) for i in range(0, len(perturbed), 1024)])
         Dataset.from_dict({
             "source": vq.embed(codes).numpy(),
