@@ -622,3 +622,27 @@ def test_amplified_perturbations_are_the_frames_own_large_scales_grown(tiny_run,
     stamp = (run / "embeddings" / "perturbed").stat().st_mtime_ns
     stage.prepare_perturbed(run / "embeddings")  # same settings: the cache is kept
     assert (run / "embeddings" / "perturbed").stat().st_mtime_ns == stamp
+
+
+def test_drift_spectrum_benchmark_bins_every_state(tiny_run, tmp_path):
+    """benchmarks/thermalizer_drift_spectrum.py: every drifted state and every true training frame falls in exactly one
+    energy bin, each ratio row has one entry per shell, and the truth's rows average back to 1 with their counts
+    (the ratio is against the truth's own mean spectrum); unsorted bins are refused by name."""
+    from datasets import load_from_disk
+
+    result_file = tmp_path / "drift.json"
+    script = [sys.executable, str(REPO / "benchmarks" / "thermalizer_drift_spectrum.py"), "--output-dir", str(tiny_run),
+              "--shells", "4", "--results-file", str(result_file)]
+    proc = subprocess.run([*script, "--bins", "0", "1", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(result_file.read_text())
+    drifted = len(load_from_disk(str(tiny_run / "embeddings" / "drifted")))
+    counts = {name: sum(r["count"] for r in result["rows"] if r["states"] == name) for name in ("drifted", "truth")}
+    assert counts == {"drifted": drifted, "truth": 4 * 24}, counts
+    assert result["shells"] == [1, 2, 3, 4] and all(len(r["ratio"]) == 4 for r in result["rows"])
+    truth = [r for r in result["rows"] if r["states"] == "truth"]
+    for k in range(4):
+        pooled = sum(r["ratio"][k] * r["count"] for r in truth) / counts["truth"]
+        assert abs(pooled - 1) < 1e-3, (k, pooled)
+    proc = subprocess.run([*script, "--bins", "1", "0"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "strictly increasing" in proc.stderr
