@@ -185,15 +185,20 @@ def _wavenumbers(n: int, dtype: torch.dtype, device=None) -> Tuple[torch.Tensor,
     return ky, kx
 
 
+def _band_mask(n: int, max_wavenumber: int, device=None) -> torch.Tensor:
+    """1.0 on the rfft2 grid of an ``n × n`` field where ``1 <= |k| <= max_wavenumber``, else 0 (float64)."""
+    if not 1 <= max_wavenumber < n // 2:
+        raise ValueError(f"max_wavenumber={max_wavenumber} must lie in [1, {n // 2 - 1}] for {n}x{n} fields")
+    ky, kx = _wavenumbers(n, torch.float64, device)
+    k = (kx**2 + ky**2).sqrt()
+    return ((k >= 1) & (k <= max_wavenumber)).to(torch.float64)
+
+
 def large_scale_field(shape, max_wavenumber: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Random real fields ``(B, S, S)`` on ``[0, 2π)²``, unit rms each, with all their power at the integer
     wavenumbers ``1 <= |k| <= max_wavenumber`` (independent Gaussian Fourier coefficients of equal variance)."""
     B, S, _ = shape
-    if not 1 <= max_wavenumber < S // 2:
-        raise ValueError(f"max_wavenumber={max_wavenumber} must lie in [1, {S // 2 - 1}] for {S}x{S} fields")
-    ky, kx = _wavenumbers(S, torch.float64)
-    k = (kx**2 + ky**2).sqrt()
-    mask = ((k >= 1) & (k <= max_wavenumber)).to(torch.float64)
+    mask = _band_mask(S, max_wavenumber)
     coeffs = torch.complex(torch.randn(B, S, S // 2 + 1, generator=generator, dtype=torch.float64),
                            torch.randn(B, S, S // 2 + 1, generator=generator, dtype=torch.float64))
     field = torch.fft.irfft2(coeffs * mask, s=(S, S))
@@ -204,11 +209,7 @@ def large_scale_part(fields: torch.Tensor, max_wavenumber: int) -> torch.Tensor:
     """The part of real fields ``(B, S, S)`` on ``[0, 2π)²`` at the integer wavenumbers ``1 <= |k| <= max_wavenumber``
     (a sharp band-pass; the mean, ``k = 0``, is left out), in the fields' dtype."""
     S = fields.shape[-1]
-    if not 1 <= max_wavenumber < S // 2:
-        raise ValueError(f"max_wavenumber={max_wavenumber} must lie in [1, {S // 2 - 1}] for {S}x{S} fields")
-    ky, kx = _wavenumbers(S, torch.float64, fields.device)
-    k = (kx**2 + ky**2).sqrt()
-    mask = ((k >= 1) & (k <= max_wavenumber)).to(torch.float64)
+    mask = _band_mask(S, max_wavenumber, fields.device)
     return torch.fft.irfft2(torch.fft.rfft2(fields.double()) * mask, s=(S, S)).to(fields.dtype)
 
 

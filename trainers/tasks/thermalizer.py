@@ -39,9 +39,9 @@ logger = logging.getLogger(__name__)
 
 ARMS = ("emulator", "thermalizer", "noise_control")
 
-# the settings of the thermalize step an evaluation may override (default: the saved scheduler's); its results record them
 PERTURBATION_KINDS = ("random", "amplify", "mixed")  # data.perturbation_kind
 
+# the settings of the thermalize step an evaluation may override (default: the saved scheduler's); its results record them
 THRESHOLD_KEYS = ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise", "eta", "s_floor")
 
 
@@ -878,14 +878,14 @@ class ThermalizerStage(Stage):
         from hf_models.data.kolmogorov import large_scale_field, large_scale_part
 
         kind, k_max = prep.perturbation_kind, prep.perturbation_max_wavenumber
-        if kind in ("random", "mixed"):
+        if kind != "amplify":
             rms = pixels.pow(2).mean((1, 2)).sqrt()
             field = (amplitude * rms).view(-1, 1, 1) * large_scale_field(pixels.shape, k_max, gen)
-        if kind in ("amplify", "mixed"):
-            amplified = amplitude.view(-1, 1, 1) * large_scale_part(pixels, k_max)
-            # "mixed": each frame one of the two, at even odds
-            field = amplified if kind == "amplify" else torch.where(
-                (torch.rand(len(pixels), generator=gen) < 0.5).view(-1, 1, 1), amplified, field)
+        if kind == "amplify":
+            field = amplitude.view(-1, 1, 1) * large_scale_part(pixels, k_max)
+        elif kind == "mixed":  # each frame one of the two, at even odds
+            grown = (torch.rand(len(pixels), generator=gen) < 0.5).view(-1, 1, 1)
+            field = torch.where(grown, amplitude.view(-1, 1, 1) * large_scale_part(pixels, k_max), field)
         perturbed = (pixels + field).unsqueeze(1)
         codes = torch.cat([vq.encode(perturbed[i: i + 1024]) for i in range(0, len(perturbed), 1024)])
         Dataset.from_dict({
