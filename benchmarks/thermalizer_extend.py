@@ -17,7 +17,8 @@ keeps in ``benchmarks/results``, for a run re-trained without its evaluation); i
 run's evaluation settings. ``--s-floor N`` rolls out the thermalizer arm with that floor instead of the evaluation's
 (a threshold tuned after the evaluation was read): the emulator arm does not depend on the thermalizer's thresholds,
 so it is still the evaluation's, but the thermalizer arm is a new one and cannot be checked against the evaluation's
-(``repeats_the_evaluation`` is then false).
+(``repeats_the_evaluation`` is then false). ``--candidates K`` does the same for the pipeline's ``num_candidates``
+(best of K thermalizations of each fired state, by the classifier).
 
     python benchmarks/thermalizer_extend.py --output-dir outputs/thermalizer_kolmogorov_16x16 --steps 2100 \
         --eval-results benchmarks/results/thermalizer_survival_16x16.json --s-floor 30
@@ -44,12 +45,16 @@ def main():
                         help="the evaluation to extend (default: OUTPUT_DIR/eval_results.json), written with the run's settings")
     parser.add_argument("--s-floor", type=int, default=None,
                         help="thermalize with this s_floor instead of the evaluation's (the arm is then not a repeat)")
+    parser.add_argument("--candidates", type=int, default=None,
+                        help="thermalize with this num_candidates instead of the evaluation's (the arm is then not a repeat)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results-name", default="thermalizer_extend", help="the figures go to benchmarks/results/NAME.json")
     parser.add_argument("--results-file", default=None, help="write the figures here instead")
     args = parser.parse_args()
     if args.steps < 1:
         raise SystemExit(f"error: --steps={args.steps} must be >= 1")
+    if args.candidates is not None and args.candidates < 1:
+        raise SystemExit(f"error: --candidates={args.candidates} must be >= 1 (1: the paper's single thermalization)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -92,11 +97,15 @@ def main():
         pipe.scheduler = pipe.scheduler.with_config(**{**thresholds, **changed})
     except ValueError as err:  # the scheduler names the allowed range
         raise SystemExit(f"error: {err}") from None
+    num_candidates = ev.num_candidates
+    if args.candidates is not None and args.candidates != ev.num_candidates:
+        num_candidates = args.candidates
+        changed["num_candidates"] = num_candidates
     ranges = task.survival_ranges(pipe)
     start = time.perf_counter()
     output = pipe(task.rollout_initial_frames(), num_steps=args.steps, thermalize=True, noise_control=False,
                   temperature=ev.temperature, generator=torch.Generator().manual_seed(ev.seed), output_type="pt",
-                  thermalizer_input=ev.thermalizer_input, num_candidates=ev.num_candidates)
+                  thermalizer_input=ev.thermalizer_input, num_candidates=num_candidates)
     seconds = time.perf_counter() - start
     _, _, survival = task.survival(output, ranges)
     survival = [int(v) for v in survival]
@@ -120,6 +129,7 @@ def main():
         "seconds": round(seconds, 1),
         "eval_results": str(evaluated),
         **thresholds,
+        "num_candidates": num_candidates,
         **changed,
         "changed_thresholds": sorted(changed),
         "survival_emulator": emulator,

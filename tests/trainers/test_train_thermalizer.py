@@ -514,11 +514,11 @@ def test_extend_benchmark_with_another_floor_keeps_the_emulator_arm(tiny_run, tm
     copy = tmp_path / "copied_eval.json"
     copy.write_text(json.dumps(saved))
 
-    def extend(floor, name):
+    def extend(floor, name, *extra):
         result_file = tmp_path / f"{name}.json"
         proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(tiny_run),
                                "--steps", str(saved["rollout_steps"] + 5), "--eval-results", str(copy), "--s-floor", str(floor),
-                               "--results-file", str(result_file)], cwd=REPO, capture_output=True, text=True, timeout=600)
+                               "--results-file", str(result_file), *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
         return proc, result_file
 
     proc, result_file = extend(saved["s_stop"] + 5, "floor")
@@ -530,6 +530,15 @@ def test_extend_benchmark_with_another_floor_keeps_the_emulator_arm(tiny_run, tm
     assert result["survival_ratio"] == result["median_survival_thermalizer"] / max(result["median_survival_emulator"], 1.0)
     proc, result_file = extend(saved["s_stop"], "bad")
     assert proc.returncode != 0 and "s_floor" in proc.stderr and "s_stop" in proc.stderr, proc.stderr
+    assert not result_file.exists()
+    # --candidates: best of K thermalizations, also a new arm against the same emulator arm; K < 1 is refused
+    proc, result_file = extend(saved["s_stop"] + 5, "candidates", "--candidates", "3")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(result_file.read_text())
+    assert result["num_candidates"] == 3 and result["changed_thresholds"] == ["num_candidates", "s_floor"]
+    assert result["repeats_the_evaluation"] is False and result["survival_emulator"] == saved["survival_emulator"]
+    proc, result_file = extend(saved["s_stop"] + 5, "no_candidates", "--candidates", "0")
+    assert proc.returncode != 0 and "--candidates=0" in proc.stderr and ">= 1" in proc.stderr, proc.stderr
     assert not result_file.exists()
 
 
