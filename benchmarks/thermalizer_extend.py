@@ -36,6 +36,29 @@ import torch
 from common import machine, write_results
 
 
+def late_statistics(task, pipe, output) -> dict:
+    """The evaluation's late-window distances to the test trajectories over the last ``late_window`` steps of the
+    extended arm (its rollouts still running there), as the evaluation computes them at its own length."""
+    from hf_models.metrics.rollout_stability import codebook_usage_distance, flow_statistics, histogram_distance, late_window
+    from hf_models.metrics.rollout_stability import spectrum_distance
+
+    window = task.eval_args.late_window
+    test = task.frames("test")
+    test_pool = test.flatten(0, 1)
+    late = late_window(output.frames, window)
+    late_codes = output.codes[:, -window:]
+    late_codes = late_codes[late_codes >= 0]
+    return {
+        "late_window": window,
+        "late_window_rollouts_thermalizer": len(late),
+        "spectrum_distance_thermalizer": spectrum_distance(late, test) if len(late) else float("inf"),
+        "enstrophy_histogram_distance_thermalizer": histogram_distance(flow_statistics(late)["enstrophy"],
+                                                                       flow_statistics(test_pool)["enstrophy"]) if len(late) else float("inf"),
+        "codebook_usage_distance_thermalizer": codebook_usage_distance(late_codes, pipe.encode_frames(test_pool),
+                                                                       pipe.vq_tokenizer.config.codebook_size) if len(late_codes) else 1.0,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="outputs/thermalizer_kolmogorov_16x16",
@@ -107,7 +130,7 @@ def main():
                   temperature=ev.temperature, generator=torch.Generator().manual_seed(ev.seed), output_type="pt",
                   thermalizer_input=ev.thermalizer_input, num_candidates=num_candidates)
     seconds = time.perf_counter() - start
-    _, _, survival = task.survival(output, ranges)
+    _, per_statistic, survival = task.survival(output, ranges)
     survival = [int(v) for v in survival]
     common = min(args.steps, evaluated_steps)
     # a repeat of the evaluation's arm must agree with it; an arm with changed thresholds is a new one
@@ -142,6 +165,9 @@ def main():
         "survival_ratio_ci95_high": high,
         "survival_ratio_capped": median_thermalizer >= args.steps,
         "fire_rate_thermalizer": float(output.fired.float().mean()),
+        "requantized_changes_mean_thermalizer": float(output.requantized_changes.float().mean()),
+        **{f"survival_thermalizer_{name}": [int(v) for v in values] for name, values in per_statistic.items()},
+        **late_statistics(task, pipe, output),
         "repeats_the_evaluation": not changed,
     }
     print(f"{args.steps} steps ({seconds:.0f} s): median survival emulator {median_emulator:.0f} / thermalizer "

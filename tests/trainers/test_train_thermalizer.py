@@ -466,6 +466,7 @@ def test_sigterm_during_the_final_evaluation_stops_it(tiny_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     (run / "eval_results.json").unlink()
+    (run / "config.yaml").unlink()
     index = run / "model_index.json"
     exported = index.stat().st_mtime_ns
     cmd = [sys.executable, "-m", "trainers.train", TINY, "--training.output_dir", str(run), "--training.disable_progress_bar",
@@ -481,6 +482,11 @@ def test_sigterm_during_the_final_evaluation_stops_it(tiny_run, tmp_path):
     assert "stopped by SIGTERM during the final export/evaluation" in stderr  # trainers.train's own line
     assert not (run / "eval_results.json").exists()
     assert history(run) == history(tiny_run)  # nothing retrained
+    # the run's settings are written when it starts, so a stopped run still names them (benchmarks read them)
+    from trainers.arguments import load_config
+
+    config = load_config(str(run / "config.yaml"))
+    assert config.evaluation["rollout_steps"] == 100000 and config.training.output_dir == str(run)
 
 
 def test_extend_benchmark_repeats_the_evaluation_or_refuses(tiny_run, tmp_path):
@@ -503,6 +509,16 @@ def test_extend_benchmark_repeats_the_evaluation_or_refuses(tiny_run, tmp_path):
     assert [min(v, n) for v in result["survival_thermalizer"]] == [min(v, n) for v in saved["survival_thermalizer"]]
     assert all(0 <= v <= steps for v in result["survival_thermalizer"])
     assert result["survival_ratio"] == result["median_survival_thermalizer"] / max(result["median_survival_emulator"], 1.0)
+    assert result["survival_thermalizer"] == [min(a, b) for a, b in zip(result["survival_thermalizer_energy"], result["survival_thermalizer_enstrophy"])]
+    # at the evaluation's own length the arm is the evaluation's, so are its late-window statistics
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(tiny_run),
+                           "--steps", str(n), "--results-file", str(result_file)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    same = json.loads(result_file.read_text())
+    assert same["late_window"] == 10  # the tiny file's evaluation.late_window
+    for key in ("spectrum_distance_thermalizer", "enstrophy_histogram_distance_thermalizer", "codebook_usage_distance_thermalizer",
+                "requantized_changes_mean_thermalizer"):
+        assert same[key] == pytest.approx(saved[key], rel=1e-6), key
 
 
 def test_extend_benchmark_with_another_floor_keeps_the_emulator_arm(tiny_run, tmp_path):
