@@ -12,6 +12,10 @@ one differs: another machine kind rounds differently, and then the two arms no l
 The survival ratio is ``median(thermalizer) / median(emulator)`` (lower medians) with the evaluation's paired
 bootstrap interval. Writes ``benchmarks/results/NAME.json`` (default ``thermalizer_extend``).
 
+At the evaluation's length or shorter (``--steps`` at most its ``rollout_steps``) the emulator arm is known even where
+a rollout is still in range (both arms are capped there), so a new arm (``--candidates``, ``--s-floor``) can be read
+against it at that length.
+
 ``--eval-results FILE`` reads the evaluation from another file than the run's ``eval_results.json`` (the copy a run
 keeps in ``benchmarks/results``, for a run re-trained without its evaluation); it must have been written with the
 run's evaluation settings. ``--s-floor N`` rolls out the thermalizer arm with that floor instead of the evaluation's
@@ -98,10 +102,12 @@ def main():
         evaluated_steps = int(saved["rollout_steps"])
     except (KeyError, TypeError, ValueError) as err:
         raise SystemExit(f"error: {evaluated} has no per-rollout survival ({err}): re-run the evaluation") from None
-    if max(emulator) >= evaluated_steps:
+    if args.steps > evaluated_steps and max(emulator) >= evaluated_steps:
         raise SystemExit(f"error: {sum(v >= evaluated_steps for v in emulator)} emulator rollouts were still in range at the "
                          f"evaluation's {evaluated_steps} steps, so their survival is not known: evaluate with more "
                          f"--evaluation.rollout_steps instead")
+    # at the evaluation's length or shorter the emulator arm is known (capped where it is still in range)
+    emulator = [min(v, args.steps) for v in emulator]
     try:
         task = load_run_task(out)  # the run's evaluation settings: seed, initial conditions, temperature
     except ConfigError as err:

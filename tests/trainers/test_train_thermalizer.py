@@ -521,6 +521,32 @@ def test_extend_benchmark_repeats_the_evaluation_or_refuses(tiny_run, tmp_path):
         assert same[key] == pytest.approx(saved[key], rel=1e-6), key
 
 
+def test_extend_benchmark_at_the_evaluations_length_takes_an_emulator_arm_still_in_range(tiny_run, tmp_path):
+    """Up to the evaluation's length the emulator arm is known even where a rollout is still in range (both arms are
+    capped there), so a new arm at that length is compared with it; past it such an arm is refused."""
+    saved = json.loads((tiny_run / "eval_results.json").read_text())
+    n = saved["rollout_steps"]
+    saved["survival_emulator"][0] = n  # as if the first emulator rollout had stayed in range
+    copy = tmp_path / "eval.json"
+    copy.write_text(json.dumps(saved))
+
+    def extend(steps):
+        result_file = tmp_path / f"extend_{steps}.json"
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(tiny_run),
+                               "--steps", str(steps), "--eval-results", str(copy), "--candidates", "2",
+                               "--results-file", str(result_file)], cwd=REPO, capture_output=True, text=True, timeout=600)
+        return proc, result_file
+
+    proc, result_file = extend(n + 5)
+    assert proc.returncode != 0 and "still in range" in proc.stderr, proc.stderr
+    assert not result_file.exists()
+    proc, result_file = extend(n - 5)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(result_file.read_text())
+    assert result["survival_emulator"] == [min(v, n - 5) for v in saved["survival_emulator"]]
+    assert all(0 <= v <= n - 5 for v in result["survival_thermalizer"])
+
+
 def test_extend_benchmark_with_another_floor_keeps_the_emulator_arm(tiny_run, tmp_path):
     """--s-floor rolls out a new thermalizer arm (not checked as a repeat) against the evaluation's emulator arm, read
     from --eval-results; a floor the scheduler does not allow is refused by name and writes nothing."""
