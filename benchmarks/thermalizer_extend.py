@@ -41,25 +41,18 @@ from common import machine, write_results
 
 
 def late_statistics(task, pipe, output) -> dict:
-    """The evaluation's late-window distances to the test trajectories over the last ``late_window`` steps of the
-    extended arm (its rollouts still running there), as the evaluation computes them at its own length."""
-    from hf_models.metrics.rollout_stability import codebook_usage_distance, flow_statistics, histogram_distance, late_window
-    from hf_models.metrics.rollout_stability import spectrum_distance
+    """The evaluation's late-window distances to the test trajectories (the task's own ``late_statistics``) over the
+    last ``late_window`` steps of the extended arm."""
+    from hf_models.metrics.rollout_stability import flow_statistics, late_window
 
-    window = task.eval_args.late_window
     test = task.frames("test")
     test_pool = test.flatten(0, 1)
-    late = late_window(output.frames, window)
-    late_codes = output.codes[:, -window:]
-    late_codes = late_codes[late_codes >= 0]
+    distances = task.late_statistics(output, test, flow_statistics(test_pool)["enstrophy"], pipe.encode_frames(test_pool),
+                                     pipe.vq_tokenizer.config.codebook_size)
     return {
-        "late_window": window,
-        "late_window_rollouts_thermalizer": len(late),
-        "spectrum_distance_thermalizer": spectrum_distance(late, test) if len(late) else float("inf"),
-        "enstrophy_histogram_distance_thermalizer": histogram_distance(flow_statistics(late)["enstrophy"],
-                                                                       flow_statistics(test_pool)["enstrophy"]) if len(late) else float("inf"),
-        "codebook_usage_distance_thermalizer": codebook_usage_distance(late_codes, pipe.encode_frames(test_pool),
-                                                                       pipe.vq_tokenizer.config.codebook_size) if len(late_codes) else 1.0,
+        "late_window": task.eval_args.late_window,
+        "late_window_rollouts_thermalizer": len(late_window(output.frames, task.eval_args.late_window)),
+        **{f"{name}_thermalizer": value for name, value in distances.items()},
     }
 
 

@@ -179,10 +179,12 @@ class AccelerateTrainer:
         acc = self.accelerator
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
+            import yaml
+
             # the resolved config from the start, as transformers' Trainer saves its arguments: a run stopped before
             # its end (SIGTERM during the final evaluation, a killed job) still names its settings for
-            # trainers.evaluate and the benchmarks; the end of the run writes it again beside eval_results.json
-            self._write_config()
+            # trainers.evaluate and the benchmarks
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         acc.wait_for_everyone()
         if self.has_trackers:
             acc.init_trackers(self.task.name, config=_flatten(self.config.to_dict()))
@@ -215,14 +217,8 @@ class AccelerateTrainer:
             if self.has_trackers:
                 acc.end_training()
 
-    def _write_config(self):
-        import yaml
-
-        (self.output_dir / "config.yaml").write_text(yaml.safe_dump(self.config.to_dict(), sort_keys=False))
-
     def _write_run_files(self, results: dict):
         (self.output_dir / "eval_results.json").write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        self._write_config()
         from .hub import write_model_card
 
         write_model_card(self.output_dir, self.task.family, eval_results=results, config=self.config.to_dict())

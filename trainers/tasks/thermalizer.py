@@ -469,6 +469,28 @@ class ThermalizerTask(Task):
                          for name in self.eval_args.survival_statistics}
         return stats, per_statistic, torch.stack(list(per_statistic.values())).amin(0)
 
+    def late_statistics(self, output, test: torch.Tensor, test_enstrophy: torch.Tensor, test_codes: torch.Tensor,
+                        codebook_size: int) -> dict:
+        """An arm's late-window distances to the test trajectories: energy spectrum and enstrophy histogram over the
+        last ``evaluation.late_window`` frames of its rollouts still running there (``inf`` if none is), code usage
+        over their valid codes (1.0 if none)."""
+        from hf_models.metrics.rollout_stability import (
+            codebook_usage_distance,
+            flow_statistics,
+            histogram_distance,
+            late_window,
+            spectrum_distance,
+        )
+
+        late = late_window(output.frames, self.eval_args.late_window)
+        late_codes = output.codes[:, -self.eval_args.late_window:]
+        late_codes = late_codes[late_codes >= 0]
+        return {
+            "spectrum_distance": spectrum_distance(late, test) if len(late) else float("inf"),
+            "enstrophy_histogram_distance": histogram_distance(flow_statistics(late)["enstrophy"], test_enstrophy) if len(late) else float("inf"),
+            "codebook_usage_distance": codebook_usage_distance(late_codes, test_codes, codebook_size) if len(late_codes) else 1.0,
+        }
+
     @torch.no_grad()
     def evaluate_pipeline(self, pipe, out: Optional[Path]) -> dict:
         """Survival, late-window spectrum / enstrophy-histogram / codebook-usage distances, short-term correlation,
@@ -476,10 +498,8 @@ class ThermalizerTask(Task):
         import time
 
         from hf_models.metrics.rollout_stability import (
-            codebook_usage_distance,
             flow_statistics,
             histogram_distance,
-            late_window,
             median_ratio_interval,
             short_term_correlation,
             spectrum_distance,
@@ -529,17 +549,13 @@ class ThermalizerTask(Task):
             frames = output.frames  # (B, L + 1, S, S)
             stats, per_statistic, survival = self.survival(output, ranges)
             results.update({f"median_survival_{arm}_{name}": float(v.float().median()) for name, v in per_statistic.items()})
-            late = late_window(frames, ev.late_window)
-            late_codes = output.codes[:, -ev.late_window:]
             corr = short_term_correlation(frames[:, 1: num_truth + 1], truth_rows[:, 1: num_truth + 1])
             results.update({
                 f"survival_{arm}": survival.tolist(),  # per rollout (initial condition i: rows i*k .. i*k + k - 1)
                 f"median_survival_{arm}": float(survival.float().median()),
                 f"mean_survival_{arm}": float(survival.float().mean()),
                 f"survived_full_rollout_{arm}": int((survival == ev.rollout_steps).sum()),
-                f"spectrum_distance_{arm}": spectrum_distance(late, test) if len(late) else float("inf"),
-                f"enstrophy_histogram_distance_{arm}": histogram_distance(flow_statistics(late)["enstrophy"], test_enstrophy) if len(late) else float("inf"),
-                f"codebook_usage_distance_{arm}": codebook_usage_distance(late_codes[late_codes >= 0], test_codes, size) if (late_codes >= 0).any() else 1.0,
+                **{f"{name}_{arm}": v for name, v in self.late_statistics(output, test, test_enstrophy, test_codes, size).items()},
                 f"short_term_correlation_{arm}": [round(float(c), 5) for c in corr],
                 f"short_term_correlation_mean_{arm}": float(corr.mean()),
                 f"fire_rate_{arm}": float(output.fired.float().mean()),
