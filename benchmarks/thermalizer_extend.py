@@ -4,8 +4,9 @@ evaluation's length caps (a median at ``rollout_steps`` says only "at least").
     python benchmarks/thermalizer_extend.py --output-dir outputs/thermalizer_kolmogorov_16x16 --steps 2100
 
 Only the thermalizer arm is rolled out again, which halves the cost of a longer evaluation. The emulator arm is read
-from the run's ``eval_results.json``: that is only valid when every emulator rollout left the range within the
-evaluation's length, and the script refuses otherwise. The arm draws from the evaluation's seed with the
+from the run's ``eval_results.json``: its median is only known when more than half of the emulator rollouts left
+the range within the evaluation's length, and the script refuses otherwise (the rest are lower bounds, kept at the
+evaluation's length, and the ratio's bootstrap interval is left out, ``null``). The arm draws from the evaluation's seed with the
 evaluation's thresholds (common random numbers), so its first ``rollout_steps`` steps must repeat the evaluation's
 thermalizer arm. The script checks this on every survival time the evaluation saw end and stops with an error if
 one differs: another machine kind rounds differently, and then the two arms no longer share their random numbers.
@@ -95,10 +96,15 @@ def main():
         evaluated_steps = int(saved["rollout_steps"])
     except (KeyError, TypeError, ValueError) as err:
         raise SystemExit(f"error: {evaluated} has no per-rollout survival ({err}): re-run the evaluation") from None
-    if args.steps > evaluated_steps and max(emulator) >= evaluated_steps:
-        raise SystemExit(f"error: {sum(v >= evaluated_steps for v in emulator)} emulator rollouts were still in range at the "
-                         f"evaluation's {evaluated_steps} steps, so their survival is not known: evaluate with more "
+    # past the evaluation's length an emulator rollout still in range there has an unknown survival; the (lower)
+    # median is still known when more than half of them ended within the evaluation, but the interval is not
+    in_range = sum(v >= evaluated_steps for v in emulator)
+    median_known = sum(v < evaluated_steps for v in emulator) > (len(emulator) - 1) // 2
+    if args.steps > evaluated_steps and in_range and not median_known:
+        raise SystemExit(f"error: {in_range} emulator rollouts were still in range at the evaluation's {evaluated_steps} "
+                         f"steps, so the emulator's median survival is not known: evaluate with more "
                          f"--evaluation.rollout_steps instead")
+    emulator_lower_bounds = in_range if args.steps > evaluated_steps else 0
     # at the evaluation's length or shorter the emulator arm is known (capped where it is still in range)
     emulator = [min(v, args.steps) for v in emulator]
     try:
@@ -141,7 +147,9 @@ def main():
                          "--evaluation.rollout_steps instead")
     median_emulator = float(torch.tensor(emulator).float().median())
     median_thermalizer = float(torch.tensor(survival).float().median())
-    low, high = median_ratio_interval(survival, emulator, cluster_size=ev.rollouts_per_initial_condition)
+    low = high = None  # resamples would take the emulator's lower bounds for survival times
+    if not emulator_lower_bounds:
+        low, high = median_ratio_interval(survival, emulator, cluster_size=ev.rollouts_per_initial_condition)
     result = {
         "benchmark": "thermalizer_extend",
         **machine(),
@@ -155,6 +163,7 @@ def main():
         **changed,
         "changed_thresholds": sorted(changed),
         "survival_emulator": emulator,
+        "survival_emulator_lower_bounds": emulator_lower_bounds,
         "survival_thermalizer": survival,
         "median_survival_emulator": median_emulator,
         "median_survival_thermalizer": median_thermalizer,
@@ -171,7 +180,9 @@ def main():
     }
     print(f"{args.steps} steps ({seconds:.0f} s): median survival emulator {median_emulator:.0f} / thermalizer "
           f"{median_thermalizer:.0f}{' (capped)' if result['survival_ratio_capped'] else ''}, ratio {result['survival_ratio']:.2f} "
-          f"(95 % interval {low:.2f}-{high:.2f}); {result['survived_full_rollout_thermalizer']} of {len(survival)} in range at the end"
+          + (f"(95 % interval {low:.2f}-{high:.2f})" if low is not None else
+             f"(no interval: {emulator_lower_bounds} emulator survivals are lower bounds)")
+          + f"; {result['survived_full_rollout_thermalizer']} of {len(survival)} in range at the end"
           + (f"; {changed} instead of the evaluation's thresholds: a new arm, not a repeat" if changed else ""))
     write_results(args.results_name, result, args.results_file)
 

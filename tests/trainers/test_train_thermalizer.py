@@ -46,6 +46,10 @@ def test_tiny_run_writes_pipeline_data_plots_metrics_and_card(tiny_run):
         assert results[f"spectrum_distance_{arm}"] >= 0
     assert results["fire_rate_emulator"] == 0.0 and results["requantized_changes_mean_emulator"] == 0.0
     assert results["survival_ratio"] == results["median_survival_thermalizer"] / max(results["median_survival_emulator"], 1.0)
+    # the truth arm: one solver continuation per initial condition (checked against the stored trajectories in
+    # test_truth_survival_benchmark_continues_the_initial_conditions_with_the_solver)
+    assert len(results["survival_truth"]) == 4 and all(0 <= v <= 30 for v in results["survival_truth"])
+    assert results["survival_ratio_truth"] == results["median_survival_truth"] / max(results["median_survival_emulator"], 1.0)
     # all three stages trained and logged their own losses
     rows = history(out)
     stages = {r.get("stage") for r in rows}
@@ -523,28 +527,41 @@ def test_extend_benchmark_repeats_the_evaluation_or_refuses(tiny_run, tmp_path):
 
 def test_extend_benchmark_at_the_evaluations_length_takes_an_emulator_arm_still_in_range(tiny_run, tmp_path):
     """Up to the evaluation's length the emulator arm is known even where a rollout is still in range (both arms are
-    capped there), so a new arm at that length is compared with it; past it such an arm is refused."""
+    capped there), so a new arm at that length is compared with it. Past it, such an arm is taken only while its
+    median is known (more than half of the emulator rollouts ended in the evaluation), without an interval."""
     saved = json.loads((tiny_run / "eval_results.json").read_text())
     n = saved["rollout_steps"]
-    saved["survival_emulator"][0] = n  # as if the first emulator rollout had stayed in range
-    copy = tmp_path / "eval.json"
-    copy.write_text(json.dumps(saved))
+    rollouts = len(saved["survival_emulator"])
 
-    def extend(steps):
+    def extend(steps, emulator):
+        copy = tmp_path / "eval.json"
+        copy.write_text(json.dumps({**saved, "survival_emulator": emulator}))
         result_file = tmp_path / f"extend_{steps}.json"
         proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(tiny_run),
                                "--steps", str(steps), "--eval-results", str(copy), "--candidates", "2",
                                "--results-file", str(result_file)], cwd=REPO, capture_output=True, text=True, timeout=600)
         return proc, result_file
 
-    proc, result_file = extend(n + 5)
-    assert proc.returncode != 0 and "still in range" in proc.stderr, proc.stderr
+    # more than half of the rollouts still in range: the lower median is one of them, so it is not known past n
+    most = [n] * (rollouts // 2 + 1) + [n // 2] * (rollouts - rollouts // 2 - 1)
+    proc, result_file = extend(n + 5, most)
+    assert proc.returncode != 0 and "median survival is not known" in proc.stderr, proc.stderr
     assert not result_file.exists()
-    proc, result_file = extend(n - 5)
+    proc, result_file = extend(n - 5, most)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(result_file.read_text())
-    assert result["survival_emulator"] == [min(v, n - 5) for v in saved["survival_emulator"]]
+    assert result["survival_emulator"] == [min(v, n - 5) for v in most]
     assert all(0 <= v <= n - 5 for v in result["survival_thermalizer"])
+    assert result["survival_emulator_lower_bounds"] == 0 and result["survival_ratio_ci95_low"] is not None
+    # one still in range, the others ended: the median is known, that rollout's survival is a lower bound
+    one = [n] + [n // 2] * (rollouts - 1)
+    proc, result_file = extend(n + 5, one)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(result_file.read_text())
+    assert result["survival_emulator"] == one and result["median_survival_emulator"] == n // 2
+    assert result["survival_emulator_lower_bounds"] == 1
+    assert result["survival_ratio_ci95_low"] is None and result["survival_ratio_ci95_high"] is None
+    assert "lower bounds" in proc.stdout
 
 
 def test_extend_benchmark_with_another_floor_keeps_the_emulator_arm(tiny_run, tmp_path):
@@ -697,3 +714,43 @@ def test_drift_spectrum_benchmark_bins_every_state(tiny_run, tmp_path):
         assert abs(pooled - 1) < 1e-3, (k, pooled)
     proc = subprocess.run([*script, "--bins", "1", "0"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "strictly increasing" in proc.stderr
+
+
+def test_truth_survival_benchmark_continues_the_initial_conditions_with_the_solver(tiny_run, tmp_path):
+    """benchmarks/thermalizer_truth_survival.py: the solver's continuation of the evaluation's initial conditions is the
+    stored test trajectory where the data set has it (same time step and stride), and its survival is measured with the
+    run's ranges on the frames as the tokenizer represents them, by the script and by the evaluation's truth arm."""
+    from hf_models.metrics.rollout_stability import flow_statistics, survival_steps
+    from hf_models.pipelines import ThermalizedRolloutPipeline
+    from trainers.evaluate import load_run_task
+
+    task = load_run_task(tiny_run)
+    saved = json.loads((tiny_run / "eval_results.json").read_text())
+    stored = task.initial_trajectories()[:, 1:]  # the emulator steps the data set holds after the initial frame
+    steps = max(len(stored[0]) + 3, saved["rollout_steps"])
+    continued = task.true_rollouts(steps)
+    assert continued.shape == (len(stored), steps, *stored.shape[2:])
+    torch.testing.assert_close(continued[:, : len(stored[0])], stored, rtol=1e-3, atol=1e-3)
+
+    result_file = tmp_path / "truth.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_truth_survival.py"), "--output-dir", str(tiny_run),
+                           "--steps", str(steps), "--results-file", str(result_file)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(result_file.read_text())
+    assert result["median_survival_emulator"] == float(torch.tensor(saved["survival_emulator"]).float().median())
+    pipe = ThermalizedRolloutPipeline.from_pretrained(str(tiny_run))
+    ranges = task.survival_ranges(pipe)
+    represented = pipe.decode_codes(pipe.encode_frames(continued.flatten(0, 1))).view_as(continued)
+    stats = flow_statistics(represented)
+    expected = torch.stack([survival_steps(stats[name], *ranges[name]) for name in ranges]).amin(0)
+    assert result["survival_truth_represented"] == [int(v) for v in expected]
+    # the evaluation's truth arm is the same continuation over its own length
+    length = saved["rollout_steps"]
+    assert saved["survival_truth"] == [int(v) for v in expected.clamp(max=length)]
+    assert saved["median_survival_truth"] == float(expected.clamp(max=length).float().median())
+    assert all(0 <= v <= steps for v in result["survival_truth_pooled"])
+    assert result["truth_to_emulator_ratio"] == result["median_survival_truth_represented"] / max(result["median_survival_emulator"], 1.0)
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_truth_survival.py"), "--output-dir", str(tiny_run),
+                           "--steps", "0"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "--steps=0 must be >= 1" in proc.stderr

@@ -186,6 +186,10 @@ class ThermalizerEvalArguments:
     # reported evaluation; "train" is the split to tune thresholds on without looking at the test trajectories
     initial_split: str = "test"
     initial_frame: int = 0
+    # a fourth arm, the truth: the solver continues each initial condition for rollout_steps, and its survival under
+    # the same criterion is reported. The ranges come from a finite sample of the flow, which a long enough true
+    # trajectory leaves too: its median is the most any emulator can show at this length (benchmarks/RESULTS.md)
+    truth_arm: bool = True
 
     def __post_init__(self):
         if self.num_initial_conditions < 1 or self.rollout_steps < 1 or self.rollouts_per_initial_condition < 1:
@@ -449,14 +453,52 @@ class ThermalizerTask(Task):
         return arms
 
     @torch.no_grad()
+    def true_rollouts(self, steps: int, batch_size: int = 4) -> torch.Tensor:
+        """The true continuation of the evaluation's initial conditions: pooled vorticity ``(num_initial_conditions,
+        steps, S, S)`` at emulator steps ``1..steps``, integrated by the solver at the data set's resolution and time
+        step from the stored (float32) initial frames, ``batch_size`` initial conditions at a time."""
+        from hf_models.data.kolmogorov import KolmogorovSolver, build_kolmogorov_dataset
+
+        data, ev = self.data_args, self.eval_args
+        config = data.solver_config()
+        ds = build_kolmogorov_dataset(config, data.num_train_trajectories, data.num_test_trajectories,
+                                      cache_dir=data.cache_dir, chunk_size=data.chunk_size)
+        start = ds[ev.initial_split].with_format("torch")[: ev.num_initial_conditions]["vorticity"][:, ev.initial_frame]
+        solver = KolmogorovSolver(config)
+        per_step = data.frame_stride * config.steps_per_frame
+        factor = data.grid_size // data.frame_size
+        out = []
+        for first in range(0, len(start), batch_size):
+            omega_hat = solver.to_spectral(start[first: first + batch_size])
+            frames = []
+            for _ in range(steps):
+                omega_hat = solver.advance(omega_hat, per_step)
+                frames.append(solver.to_physical(omega_hat).float())
+            frames = torch.stack(frames, 1)  # (b, steps, N, N)
+            if not torch.isfinite(frames).all():
+                raise FloatingPointError("the solver blew up continuing the initial conditions")
+            if factor > 1:
+                b = frames.shape[0]
+                frames = F.avg_pool2d(frames.flatten(0, 1).unsqueeze(1), factor).view(b, steps, data.frame_size, data.frame_size)
+            out.append(frames)
+        return torch.cat(out)
+
+    @staticmethod
+    @torch.no_grad()
+    def represented(pipe, frames: torch.Tensor) -> torch.Tensor:
+        """``frames`` ``(..., S, S)`` as the pipeline's VQ tokenizer represents them: encoded and decoded, 1,024 at a
+        time."""
+        flat = frames.reshape(-1, *frames.shape[-2:])
+        out = torch.cat([pipe.decode_codes(pipe.encode_frames(flat[i: i + 1024])) for i in range(0, len(flat), 1024)])
+        return out.view_as(frames)
+
+    @torch.no_grad()
     def survival_ranges(self, pipe) -> dict:
         """The interval of each survival statistic over the true training trajectories as the tokenizer represents
         them (frames encoded and decoded: the emulator can at best produce those), widened by ``range_margin``."""
         from hf_models.metrics.rollout_stability import flow_statistics, statistic_range
 
-        train = self.frames("train").flatten(0, 1)
-        represented = torch.cat([pipe.decode_codes(pipe.encode_frames(train[i: i + 1024])) for i in range(0, len(train), 1024)])
-        stats = flow_statistics(represented)
+        stats = flow_statistics(self.represented(pipe, self.frames("train").flatten(0, 1)))
         return {name: statistic_range(stats[name], self.eval_args.range_margin) for name in self.eval_args.survival_statistics}
 
     def survival(self, output, ranges: dict):
@@ -574,6 +616,8 @@ class ThermalizerTask(Task):
                                           cluster_size=per_ic)
         results["survival_ratio_ci95_low"], results["survival_ratio_ci95_high"] = low, high
         results["survival_ratio_noise_control"] = results["median_survival_noise_control"] / max(results["median_survival_emulator"], 1.0)
+        if ev.truth_arm:
+            results.update(self.truth_survival(pipe, ranges, curves, results["median_survival_emulator"]))
         results.update({k: v for k, v in self.stage_metrics.items()})
         if out is not None:
             self.plots(out, arms, curves, ranges, test, truth_steps[0])
@@ -582,6 +626,31 @@ class ThermalizerTask(Task):
                 copy.parent.mkdir(parents=True, exist_ok=True)
                 copy.write_text(json.dumps({"output_dir": str(out), **results}, indent=2, default=float) + "\n")
         return results
+
+    def truth_survival(self, pipe, ranges: dict, curves: dict, median_emulator: float) -> dict:
+        """The truth arm: survival of the solver's continuation of each initial condition over ``rollout_steps``, on
+        its frames as the tokenizer represents them (as the ranges are); adds its curve to ``curves``."""
+        import time
+
+        from hf_models.metrics.rollout_stability import flow_statistics, survival_steps
+
+        start = time.perf_counter()
+        truth = self.true_rollouts(self.eval_args.rollout_steps)
+        seconds = time.perf_counter() - start
+        stats = flow_statistics(self.represented(pipe, truth))
+        per_statistic = {name: survival_steps(stats[name], *ranges[name]) for name in self.eval_args.survival_statistics}
+        survival = torch.stack(list(per_statistic.values())).amin(0)
+        curves["truth"] = {"survival": survival, "stats": stats}
+        median = float(survival.float().median())
+        return {
+            **{f"median_survival_truth_{name}": float(v.float().median()) for name, v in per_statistic.items()},
+            "survival_truth": survival.tolist(),  # per initial condition
+            "median_survival_truth": median,
+            "survived_full_rollout_truth": int((survival == self.eval_args.rollout_steps).sum()),
+            # the largest survival ratio an emulator could show on these initial conditions at this length
+            "survival_ratio_truth": median / max(median_emulator, 1.0),
+            "truth_seconds": seconds,
+        }
 
     def plots(self, out: Path, arms: dict, curves: dict, ranges: dict, test: torch.Tensor, truth: torch.Tensor):
         """survival_curves.png, enstrophy.png, spectra.png, frames.png (``truth``, the first initial condition's true
@@ -594,12 +663,13 @@ class ThermalizerTask(Task):
         from hf_models.metrics.rollout_stability import late_window, mean_spectrum
 
         ev = self.eval_args
-        colours = {"emulator": "tab:red", "thermalizer": "tab:blue", "noise_control": "tab:grey"}
+        colours = {"emulator": "tab:red", "thermalizer": "tab:blue", "noise_control": "tab:grey", "truth": "black"}
         steps = torch.arange(ev.rollout_steps + 1)
         fig, ax = plt.subplots(figsize=(6, 4))
         for arm, c in curves.items():
             alive = (c["survival"][None, :] >= steps[:, None]).float().mean(1)
-            ax.step(steps, alive, where="post", label=arm.replace("_", " "), color=colours[arm])
+            ax.step(steps, alive, where="post", label=arm.replace("_", " ") + (" (solver)" if arm == "truth" else ""),
+                    color=colours[arm], ls="--" if arm == "truth" else "-")
         ax.set(xlabel="emulator step", ylabel="fraction of trajectories alive", ylim=(-0.02, 1.02), title="Survival")
         ax.legend()
         fig.tight_layout()
