@@ -1,5 +1,5 @@
 """What the benchmark scripts share: the best-of-N timer, the machine's description that goes with every figure,
-and writing the figures to ``benchmarks/results/NAME.json``. The scripts run as ``python benchmarks/NAME.py``, so
+loading a finished run's task, and writing the figures to ``benchmarks/results/NAME.json``. The scripts run as ``python benchmarks/NAME.py``, so
 this folder is first on ``sys.path`` and they import it as ``common``."""
 
 from __future__ import annotations
@@ -48,3 +48,15 @@ def write_results(name: str, result: dict, path: str | os.PathLike | None = None
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+def run_task(output_dir: str | os.PathLike, overrides: list | None = None):
+    """The task of the finished run in ``output_dir`` (its saved configuration, with ``overrides``), or exit with the
+    configuration's error."""
+    from trainers.arguments import ConfigError
+    from trainers.evaluate import load_run_task
+
+    try:
+        return load_run_task(Path(output_dir), overrides or ())
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None

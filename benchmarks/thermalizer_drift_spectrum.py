@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, write_results
+from common import machine, run_task, write_results
 
 
 DEFAULT_BINS = (0.0, 0.9, 1.1, 1.3, 1.5)
@@ -42,14 +42,9 @@ def main():
 
     from hf_models.data.kolmogorov import energy_spectrum
     from hf_models.pipelines import ThermalizedRolloutPipeline
-    from trainers.arguments import ConfigError
-    from trainers.evaluate import load_run_task
 
     out = Path(args.output_dir)
-    try:
-        task = load_run_task(out)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    task = run_task(out)
     drifted_dir = out / "embeddings" / "drifted"
     if not drifted_dir.is_dir():
         raise SystemExit(f"error: {drifted_dir} does not exist: the thermalizer stage's data preparation writes it")

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, write_results
+from common import machine, run_task, write_results
 
 
 def late_statistics(task, pipe, output) -> dict:
@@ -81,8 +81,6 @@ def main():
 
     from hf_models.metrics.rollout_stability import median_ratio_interval
     from hf_models.pipelines import ThermalizedRolloutPipeline
-    from trainers.arguments import ConfigError
-    from trainers.evaluate import load_run_task
     from trainers.tasks.thermalizer import THRESHOLD_KEYS
 
     out = Path(args.output_dir)
@@ -107,10 +105,7 @@ def main():
     emulator_lower_bounds = in_range if args.steps > evaluated_steps else 0
     # at the evaluation's length or shorter the emulator arm is known (capped where it is still in range)
     emulator = [min(v, args.steps) for v in emulator]
-    try:
-        task = load_run_task(out)  # the run's evaluation settings: seed, initial conditions, temperature
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    task = run_task(out)  # the run's evaluation settings: seed, initial conditions, temperature
     ev = task.eval_args
     if ev.rollout_steps != evaluated_steps or ev.num_initial_conditions * ev.rollouts_per_initial_condition != len(emulator):
         raise SystemExit(f"error: {evaluated} was written with other evaluation settings than {out / 'config.yaml'} "

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, write_results
+from common import machine, run_task, write_results
 
 
 def main():
@@ -48,14 +48,9 @@ def main():
 
     from hf_models.metrics.rollout_stability import survival_steps
     from hf_models.pipelines import ThermalizedRolloutPipeline
-    from trainers.arguments import ConfigError
-    from trainers.evaluate import load_run_task
 
     out = Path(args.output_dir)
-    try:
-        task = load_run_task(out)
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    task = run_task(out)
     arms = {}
     for name, path in (("evaluation", Path(args.eval_results) if args.eval_results else out / "eval_results.json"),
                        ("extended", Path(args.extended) if args.extended else None)):

@@ -90,6 +90,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
             "median_survival_noise_control": "the same with the noise-only control (classifier decisions kept, learned denoising replaced by noise)",
             "median_survival_truth": "the same for the true flow, continued by the solver from the same initial conditions (the ceiling of any emulator under this criterion)",
             "survival_ratio": "median survival with the thermalizer / emulator alone",
+            "survival_ratio_truth": "median survival of the truth / emulator alone: the most any emulator could show at this length",
             "survival_ratio_ci95_low": "lower end of a 95 % paired bootstrap interval of that ratio over the initial conditions",
             "survival_ratio_ci95_high": "upper end of that interval",
             "spectrum_distance_emulator": "late-window mean |log10 E(k) - log10 E_true(k)|, emulator alone (lower is better)",

@@ -754,3 +754,6 @@ def test_truth_survival_benchmark_continues_the_initial_conditions_with_the_solv
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_truth_survival.py"), "--output-dir", str(tiny_run),
                            "--steps", "0"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "--steps=0 must be >= 1" in proc.stderr
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_truth_survival.py"), "--output-dir", str(tmp_path),
+                           "--steps", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "is not a finished run" in proc.stderr
