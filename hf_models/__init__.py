@@ -9,6 +9,7 @@ from .code_gpt import CodeGPTConfig, CodeGPTForCausalLM
 from .dtm import DTMConfig, DTMModel
 from .mnist_classifier import MNISTClassifierConfig, MNISTClassifierModel
 from .thermalizer import ThermalizerConfig, ThermalizerModel
+from .tokcom import TokComDenoiserConfig, TokComDenoiserModel, TokComVAEConfig, TokComVAEModel
 from .vq_tokenizer import VQTokenizerConfig, VQTokenizerModel
 
 __all__ = [
@@ -20,6 +21,10 @@ __all__ = [
     "MNISTClassifierModel",
     "ThermalizerConfig",
     "ThermalizerModel",
+    "TokComDenoiserConfig",
+    "TokComDenoiserModel",
+    "TokComVAEConfig",
+    "TokComVAEModel",
     "VQTokenizerConfig",
     "VQTokenizerModel",
 ]

@@ -1,5 +1,13 @@
 from .pipeline_code_image import CodeImagePipeline
 from .pipeline_dtm import DTMPipeline
 from .pipeline_thermalized_rollout import ThermalizedRolloutOutput, ThermalizedRolloutPipeline
+from .pipeline_tokcom import TokComPipeline, TokComPipelineOutput
 
-__all__ = ["CodeImagePipeline", "DTMPipeline", "ThermalizedRolloutOutput", "ThermalizedRolloutPipeline"]
+__all__ = [
+    "CodeImagePipeline",
+    "DTMPipeline",
+    "ThermalizedRolloutOutput",
+    "ThermalizedRolloutPipeline",
+    "TokComPipeline",
+    "TokComPipelineOutput",
+]
