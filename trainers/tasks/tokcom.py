@@ -361,6 +361,19 @@ def language_model_metrics(model, windows: torch.Tensor, tokenizer) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def gathered_means(dataloader, accelerator, measure) -> dict:
+    """Means over an evaluation loader, gathered across processes: `measure(input_ids)` gives, per name, a tensor of
+    per-row sums and the units each row holds (tokens, latent entries); the result is sum / units per name."""
+    sums, units = {}, {}
+    for batch in dataloader:
+        rows = measure(batch["input_ids"])
+        gathered = accelerator.gather_for_metrics({name: value for name, (value, _) in rows.items()})
+        for name, value in gathered.items():
+            sums[name] = sums.get(name, 0.0) + value.double().sum().item()
+            units[name] = units.get(name, 0) + value.numel() * rows[name][1]
+    return {name: sums[name] / units[name] for name in sums}
+
+
 class _TextStage(Stage):
     throughput_unit = "tokens"
 
@@ -397,20 +410,12 @@ class TokComVAEStage(_TextStage):
 
     @torch.no_grad()
     def evaluate(self, model, dataloader, accelerator):
-        correct = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        ce = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        for batch in dataloader:
-            ids = batch["input_ids"]
+        def measure(ids):
             logits = model(input_ids=ids).logits.float()
             nll = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(len(ids), -1).sum(1)
-            hits = (logits.argmax(-1) == ids).sum(1)
-            nll, hits = accelerator.gather_for_metrics((nll, hits))
-            ce += nll.double().sum()
-            correct += hits.double().sum()
-            count += nll.numel() * ids.shape[1]
-        metrics = {"reconstruction_accuracy": (correct / count).item(), "reconstruction_ce": (ce / count).item()}
-        return metrics
+            return {"reconstruction_ce": (nll, ids.shape[1]), "reconstruction_accuracy": ((logits.argmax(-1) == ids).sum(1), ids.shape[1])}
+
+        return gathered_means(dataloader, accelerator, measure)
 
 
 class TokComDenoiserStage(_TextStage):
@@ -444,23 +449,15 @@ class TokComDenoiserStage(_TextStage):
     def evaluate(self, model, dataloader, accelerator):
         vae = self.task.frozen_vae(accelerator.device)
         gen = torch.Generator().manual_seed(self.task.eval_args.seed)
-        ce = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        sq = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        tokens = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        for batch in dataloader:
-            ids = batch["input_ids"]
+
+        def measure(ids):
             x1 = vae.encode(ids)
             xt, t = flow_batch(x1, self.task.denoiser_config.noise_std, gen)
             pred = model(xt, t).sample
             nll = F.cross_entropy(vae.decode(pred).float().flatten(0, 1), ids.flatten(), reduction="none").view(len(ids), -1).sum(1)
-            err = (pred.float() - x1.float()).pow(2).flatten(1).mean(1)
-            nll, err = accelerator.gather_for_metrics((nll, err))
-            ce += nll.double().sum()
-            sq += err.double().sum()
-            count += nll.numel()
-            tokens += nll.numel() * ids.shape[1]
-        return {"denoiser_ce": (ce / tokens).item(), "denoiser_mse": (sq / count).item()}
+            return {"denoiser_ce": (nll, ids.shape[1]), "denoiser_mse": ((pred.float() - x1.float()).pow(2).flatten(1).sum(1), x1[0].numel())}
+
+        return gathered_means(dataloader, accelerator, measure)
 
 
 class ReferenceLMStage(_TextStage):
@@ -494,13 +491,9 @@ class ReferenceLMStage(_TextStage):
 
     @torch.no_grad()
     def evaluate(self, model, dataloader, accelerator):
-        total = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        count = torch.zeros((), device=accelerator.device, dtype=torch.float64)
-        for batch in dataloader:
-            ids = batch["input_ids"]
+        def measure(ids):
             logits = model(input_ids=ids).logits.float()
             nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1).sum(1)
-            nll = accelerator.gather_for_metrics(nll)
-            total += nll.double().sum()
-            count += nll.numel() * (ids.shape[1] - 1)
-        return {"reference_perplexity": math.exp((total / count).item())}
+            return {"nll": (nll, ids.shape[1] - 1)}
+
+        return {"reference_perplexity": math.exp(gathered_means(dataloader, accelerator, measure)["nll"])}
