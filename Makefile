@@ -40,6 +40,7 @@ bench: install
 	$(PY) benchmarks/solver.py
 	$(PY) benchmarks/gibbs_vs_thrml.py
 	$(PY) benchmarks/scaling.py
+	$(PY) benchmarks/tokcom_generation.py
 
 clean:
 	rm -rf outputs .pytest_cache
