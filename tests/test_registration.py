@@ -14,6 +14,8 @@ import hf_models
         ("dtm", AutoModel, "DTMModel"),
         ("mnist_classifier", AutoModel, "MNISTClassifierModel"),
         ("thermalizer", AutoModel, "ThermalizerModel"),
+        ("tokcom_vae", AutoModel, "TokComVAEModel"),
+        ("tokcom_denoiser", AutoModel, "TokComDenoiserModel"),
     ],
 )
 def test_auto_classes_resolve_every_family(model_type, auto, model_cls):
