@@ -142,6 +142,12 @@ class TokComDenoiserConfig(PretrainedConfig):
             Longest latent sequence (the seed: 1,024 tokens / 4); the default generation length.
         noise_std (`float`, *optional*, defaults to 0.05):
             Standard deviation of the source noise `x_0`.
+        ce_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the token cross-entropy through the frozen VAE decoder in the training loss (the seed trains on
+            it alone).
+        mse_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the MSE between the predicted and the encoded clean latents (the seed only logs it). With the
+            MSE alone the prediction is the conditional mean `E[x_1 | x_t]`, which is what the Euler flow assumes.
         time_embed_dim (`int`, *optional*, defaults to 256):
             Width of the sinusoidal embedding of `t` fed to the timestep MLP.
         backbone_config (`Qwen2Config` or `dict`, *optional*):
@@ -159,6 +165,8 @@ class TokComDenoiserConfig(PretrainedConfig):
         latent_size=896,
         max_chunks=256,
         noise_std=0.05,
+        ce_loss_weight=1.0,
+        mse_loss_weight=0.0,
         time_embed_dim=256,
         backbone_config=None,
         initializer_range=0.02,
@@ -170,6 +178,11 @@ class TokComDenoiserConfig(PretrainedConfig):
             raise ValueError(f"max_chunks={max_chunks!r} is invalid: expected an int >= 1")
         if not _is_number(noise_std) or noise_std <= 0:
             raise ValueError(f"noise_std={noise_std!r} is invalid: expected a finite number > 0")
+        for name, value in (("ce_loss_weight", ce_loss_weight), ("mse_loss_weight", mse_loss_weight)):
+            if not _is_number(value) or value < 0:
+                raise ValueError(f"{name}={value!r} is invalid: expected a finite number >= 0")
+        if ce_loss_weight == 0 and mse_loss_weight == 0:
+            raise ValueError("ce_loss_weight and mse_loss_weight are both 0: nothing would train the denoiser")
         if not _is_int(time_embed_dim) or time_embed_dim < 2 or time_embed_dim % 2:
             raise ValueError(f"time_embed_dim={time_embed_dim!r} is invalid: expected an even int >= 2")
         if not _is_number(initializer_range) or initializer_range <= 0:
@@ -184,6 +197,8 @@ class TokComDenoiserConfig(PretrainedConfig):
         self.latent_size = latent_size
         self.max_chunks = max_chunks
         self.noise_std = float(noise_std)
+        self.ce_loss_weight = float(ce_loss_weight)
+        self.mse_loss_weight = float(mse_loss_weight)
         self.time_embed_dim = time_embed_dim
         self.initializer_range = float(initializer_range)
         kwargs.pop("hidden_size", None)

@@ -296,6 +296,8 @@ def test_seed_configs_on_meta_device():
         (TokComDenoiserConfig, {"noise_std": 0.0}, "noise_std=0.0 is invalid"),
         (TokComDenoiserConfig, {"max_chunks": 300, "backbone_config": {"max_position_embeddings": 256}}, "shorter than max_chunks=300"),
         (TokComDenoiserConfig, {"time_embed_dim": 3}, "time_embed_dim=3 is invalid"),
+        (TokComDenoiserConfig, {"mse_loss_weight": -1}, "mse_loss_weight=-1 is invalid"),
+        (TokComDenoiserConfig, {"ce_loss_weight": 0.0}, "both 0: nothing would train"),
     ],
 )
 def test_config_validation(cls, kwargs, message):

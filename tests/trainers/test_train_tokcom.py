@@ -174,3 +174,22 @@ def test_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         task = build_task(load_config(TINY, overrides))
         task.vae_config  # noqa: B018 - the VAE config needs the tokenizer's vocabulary
+
+
+def test_denoiser_loss_weights():
+    """The denoiser stage trains on ce_loss_weight * CE (through the frozen decoder) + mse_loss_weight * MSE."""
+    from hf_models.tokcom import TokComVAEConfig, TokComVAEModel
+    from trainers.arguments import load_config
+    from trainers.tasks import build_task
+
+    task = build_task(load_config(TINY, ["--model.denoiser.ce_loss_weight", "0.5", "--model.denoiser.mse_loss_weight", "2.0"]))
+    torch.manual_seed(0)
+    task.vae_model = TokComVAEModel(TokComVAEConfig(vocab_size=8192, latent_size=16, backbone_config={
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 16}))
+    stage = task.stages()[1]
+    model = stage.build_model()
+    batch = {"input_ids": torch.randint(0, 8192, (3, 32), generator=torch.Generator().manual_seed(1))}
+    out = stage.compute_loss(model, batch, torch.Generator().manual_seed(2))
+    assert out.loss.item() == pytest.approx(0.5 * out.logs["ce_loss"] + 2.0 * out.logs["mse_loss"], rel=1e-5)
+    assert out.logs["mse_loss"] > 0 and out.num_items == 3 * 32

@@ -439,11 +439,13 @@ class TokComDenoiserStage(_TextStage):
         vae = self.task.frozen_vae(ids.device)
         with torch.no_grad():
             x1 = vae.encode(ids)  # posterior means: the clean latents
-        xt, t = flow_batch(x1, self.task.denoiser_config.noise_std, generator)
+        cfg = self.task.denoiser_config
+        xt, t = flow_batch(x1, cfg.noise_std, generator)
         out = model(xt, t, target=x1)
         logits = vae.decode(out.sample).float()  # the VAE is frozen; the gradient reaches the prediction
         ce = F.cross_entropy(logits.flatten(0, 1), ids.flatten())
-        return StepOutput(loss=ce, logs={"ce_loss": ce.item(), "mse_loss": out.loss.item()}, num_items=ids.numel())
+        loss = cfg.ce_loss_weight * ce + cfg.mse_loss_weight * out.loss
+        return StepOutput(loss=loss, logs={"ce_loss": ce.item(), "mse_loss": out.loss.item()}, num_items=ids.numel())
 
     @torch.no_grad()
     def evaluate(self, model, dataloader, accelerator):
