@@ -193,3 +193,25 @@ def test_denoiser_loss_weights():
     out = stage.compute_loss(model, batch, torch.Generator().manual_seed(2))
     assert out.loss.item() == pytest.approx(0.5 * out.logs["ce_loss"] + 2.0 * out.logs["mse_loss"], rel=1e-5)
     assert out.logs["mse_loss"] > 0 and out.num_items == 3 * 32
+
+
+def test_lora_fine_tunes_every_stage_from_a_finished_run(tiny_run, tmp_path):
+    """`peft.enabled` on TokCom: each stage trains LoRA adapters on its Qwen2 attention projections; the base run's
+    files stay untouched and the exported pipeline (merged weights) still generates."""
+    from safetensors.torch import load_file
+
+    before = {p: p.read_bytes() for s in STAGES for p in (tiny_run / s).glob("*.safetensors")}
+    out = tmp_path / "lora"
+    run_train(out, "--peft.enabled", "true", "--peft.base_model", str(tiny_run), "--peft.r", "2",
+              *[arg for s in STAGES for arg in (f"--stages.{s}.max_steps", "4")])
+    for stage in STAGES:
+        adapter = load_file(str(out / stage / "adapter" / "adapter_model.safetensors"))
+        names = {k.split(".lora_")[0].rsplit(".", 1)[-1] for k in adapter if ".lora_" in k}
+        assert names == {"q_proj", "k_proj", "v_proj", "o_proj"}, (stage, names)
+        assert all(v.abs().sum() > 0 for k, v in adapter.items() if ".lora_B." in k), stage  # B starts at 0
+    assert all(p.read_bytes() == data for p, data in before.items())
+    from hf_models.pipelines import TokComPipeline
+
+    pipe = TokComPipeline.from_pretrained(str(out))
+    pipe.set_progress_bar_config(disable=True)
+    assert len(pipe(batch_size=1, num_chunks=2, num_inference_steps=2).texts) == 1
