@@ -126,9 +126,8 @@ class TokComTask(Task):
         if self.data_args.seq_len % probe.chunk_size:
             raise ConfigError(f"data.seq_len={self.data_args.seq_len} is not a multiple of model.vae.chunk_size={probe.chunk_size}")
         num_chunks = self.data_args.seq_len // probe.chunk_size
-        for name, derived in (("latent_size", probe.latent_size),):
-            if self.denoiser_kwargs.get(name, derived) != derived:
-                raise ConfigError(f"model.denoiser.{name}={self.denoiser_kwargs[name]} differs from the VAE's {derived}")
+        if self.denoiser_kwargs.get("latent_size", probe.latent_size) != probe.latent_size:
+            raise ConfigError(f"model.denoiser.latent_size={self.denoiser_kwargs['latent_size']} differs from the VAE's {probe.latent_size}")
         self.denoiser_kwargs.update(latent_size=probe.latent_size)
         self.denoiser_kwargs.setdefault("max_chunks", num_chunks)
         if self.denoiser_kwargs["max_chunks"] < num_chunks:
@@ -161,8 +160,13 @@ class TokComTask(Task):
         vocab = len(self.tokenizer)
         if self.vae_kwargs.get("vocab_size", vocab) != vocab:
             raise ConfigError(f"model.vae.vocab_size={self.vae_kwargs['vocab_size']} differs from the tokenizer's {vocab} (leave it unset)")
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
-        return TokComVAEConfig(**{**self.vae_kwargs, "vocab_size": vocab, "pad_token_id": pad})
+        return TokComVAEConfig(**{**self.vae_kwargs, "vocab_size": vocab, "pad_token_id": self.pad_token_id})
+
+    @property
+    def pad_token_id(self):
+        """The tokenizer's pad token, else its eos token (what both the VAE and the reference LM pad with)."""
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     def windows(self, split: str) -> torch.Tensor:
         """Token windows `(N, seq_len)` of a split ("train" or "test"), capped by `data.max_*_samples`."""
@@ -263,9 +267,54 @@ class TokComTask(Task):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _batches(x: torch.Tensor, size: int = 64):
+def _batches(x: torch.Tensor, device, size: int = 64):
     for start in range(0, len(x), size):
-        yield x[start: start + size]
+        yield x[start: start + size].to(device)
+
+
+def batch_means(batches, measure, gather=None) -> dict:
+    """Means over batches of token ids: `measure(input_ids)` gives, per name, a tensor of per-row sums and the units
+    each row holds (tokens, latent entries); the result is sum / units per name. `gather` (an evaluation loader's
+    `accelerator.gather_for_metrics`) first collects the rows of every process."""
+    sums, units = {}, {}
+    for ids in batches:
+        rows = measure(ids)
+        values = {name: value for name, (value, _) in rows.items()}
+        if gather is not None:
+            values = gather(values)
+        for name, value in values.items():
+            sums[name] = sums.get(name, 0.0) + value.double().sum().item()
+            units[name] = units.get(name, 0) + value.numel() * rows[name][1]
+    return {name: sums[name] / units[name] for name in sums}
+
+
+def vae_rows(vae, ids) -> dict:
+    """Per-row reconstruction cross-entropy and correct tokens of `vae(input_ids)` (in eval mode: posterior means)."""
+    logits = vae(input_ids=ids).logits.float()
+    nll = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(len(ids), -1).sum(1)
+    return {"reconstruction_ce": (nll, ids.shape[1]), "reconstruction_accuracy": ((logits.argmax(-1) == ids).sum(1), ids.shape[1])}
+
+
+def denoiser_rows(vae, denoiser, ids, noise_std: float, generator: torch.Generator) -> dict:
+    """Per-row cross-entropy (through the frozen VAE decoder), correct tokens and squared error of the denoiser's
+    `x_1` predictions at `t ~ U[0, 1]`."""
+    x1 = vae.encode(ids)
+    xt, t = flow_batch(x1, noise_std, generator)
+    pred = denoiser(xt, t).sample
+    logits = vae.decode(pred).float()
+    nll = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(len(ids), -1).sum(1)
+    return {
+        "denoiser_ce": (nll, ids.shape[1]),
+        "denoiser_accuracy": ((logits.argmax(-1) == ids).sum(1), ids.shape[1]),
+        "denoiser_mse": ((pred.float() - x1.float()).pow(2).flatten(1).sum(1), x1[0].numel()),
+    }
+
+
+def lm_rows(model, ids) -> dict:
+    """Per-row next-token negative log-likelihood (nats) of tokens 2..L."""
+    logits = model(input_ids=ids).logits.float()
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1).sum(1)
+    return {"nll": (nll, ids.shape[1] - 1)}
 
 
 @torch.no_grad()
@@ -274,21 +323,17 @@ def reconstruction_metrics(vae, windows: torch.Tensor, noise_levels, seed: int =
     of `level` latent standard deviations added to the latents."""
     vae.eval()
     device = vae.device
-    latents = torch.cat([vae.encode(b.to(device)) for b in _batches(windows)])
+    out = batch_means(_batches(windows, device), lambda ids: vae_rows(vae, ids))
+    latents = torch.cat([vae.encode(b) for b in _batches(windows, device)])
     scale = latents.float().std().item()
     gen = torch.Generator().manual_seed(seed)
-    correct, ce, count = 0.0, 0.0, 0
+    count = windows.numel()
     noisy_correct = {s: 0.0 for s in noise_levels}
-    for b, z in zip(_batches(windows), _batches(latents)):
-        b = b.to(device)
-        logits = vae.decode(z).float()
-        ce += F.cross_entropy(logits.flatten(0, 1), b.flatten(), reduction="sum").item()
-        correct += (logits.argmax(-1) == b).sum().item()
-        count += b.numel()
+    for b, z in zip(_batches(windows, device), _batches(latents, device)):
         for s in noise_levels:
             noise = torch.randn(z.shape, generator=gen).to(device=device, dtype=z.dtype)
             noisy_correct[s] += (vae.decode(z + s * scale * noise).argmax(-1) == b).sum().item()
-    out = {"reconstruction_accuracy": correct / count, "reconstruction_ce": ce / count, "latent_std": scale}
+    out["latent_std"] = scale
     for s in noise_levels:
         out[f"reconstruction_accuracy_noise_{s:g}"] = noisy_correct[s] / count
     return out
@@ -304,36 +349,18 @@ def flow_batch(x1: torch.Tensor, noise_std: float, generator: torch.Generator):
 
 @torch.no_grad()
 def denoiser_metrics(vae, denoiser, windows: torch.Tensor, seed: int = 0) -> dict:
-    """Cross-entropy (through the VAE decoder), token accuracy and MSE of the denoiser's `x_1` predictions at `t ~ U`."""
+    """`denoiser_rows` averaged over `windows` (flow times and noise drawn from `seed`)."""
     vae.eval()
     denoiser.eval()
     gen = torch.Generator().manual_seed(seed)
-    device = denoiser.device
-    ce, correct, sq, count, n_lat = 0.0, 0.0, 0.0, 0, 0
-    for b in _batches(windows):
-        b = b.to(device)
-        x1 = vae.encode(b)
-        xt, t = flow_batch(x1, denoiser.config.noise_std, gen)
-        pred = denoiser(xt, t).sample
-        logits = vae.decode(pred).float()
-        ce += F.cross_entropy(logits.flatten(0, 1), b.flatten(), reduction="sum").item()
-        correct += (logits.argmax(-1) == b).sum().item()
-        sq += (pred.float() - x1.float()).pow(2).sum().item()
-        count += b.numel()
-        n_lat += x1.numel()
-    return {"denoiser_ce": ce / count, "denoiser_accuracy": correct / count, "denoiser_mse": sq / n_lat}
+    return batch_means(_batches(windows, denoiser.device),
+                       lambda ids: denoiser_rows(vae, denoiser, ids, denoiser.config.noise_std, gen))
 
 
 @torch.no_grad()
 def mean_nll(model, windows: torch.Tensor) -> float:
     """Mean next-token negative log-likelihood (nats) of tokens 2..L of each window."""
-    total, count = 0.0, 0
-    for b in _batches(windows):
-        b = b.to(model.device)
-        logits = model(input_ids=b).logits.float()
-        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), b[:, 1:].flatten(), reduction="sum").item()
-        count += b[:, 1:].numel()
-    return total / count
+    return batch_means(_batches(windows, model.device), lambda ids: lm_rows(model, ids))["nll"]
 
 
 def language_model_metrics(model, windows: torch.Tensor, tokenizer) -> dict:
@@ -361,17 +388,9 @@ def language_model_metrics(model, windows: torch.Tensor, tokenizer) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def gathered_means(dataloader, accelerator, measure) -> dict:
-    """Means over an evaluation loader, gathered across processes: `measure(input_ids)` gives, per name, a tensor of
-    per-row sums and the units each row holds (tokens, latent entries); the result is sum / units per name."""
-    sums, units = {}, {}
-    for batch in dataloader:
-        rows = measure(batch["input_ids"])
-        gathered = accelerator.gather_for_metrics({name: value for name, (value, _) in rows.items()})
-        for name, value in gathered.items():
-            sums[name] = sums.get(name, 0.0) + value.double().sum().item()
-            units[name] = units.get(name, 0) + value.numel() * rows[name][1]
-    return {name: sums[name] / units[name] for name in sums}
+def _loader_means(dataloader, accelerator, measure) -> dict:
+    """`batch_means` over an evaluation loader, gathered across processes."""
+    return batch_means((batch["input_ids"] for batch in dataloader), measure, accelerator.gather_for_metrics)
 
 
 class _TextStage(Stage):
@@ -410,12 +429,7 @@ class TokComVAEStage(_TextStage):
 
     @torch.no_grad()
     def evaluate(self, model, dataloader, accelerator):
-        def measure(ids):
-            logits = model(input_ids=ids).logits.float()
-            nll = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(len(ids), -1).sum(1)
-            return {"reconstruction_ce": (nll, ids.shape[1]), "reconstruction_accuracy": ((logits.argmax(-1) == ids).sum(1), ids.shape[1])}
-
-        return gathered_means(dataloader, accelerator, measure)
+        return _loader_means(dataloader, accelerator, lambda ids: vae_rows(model, ids))
 
 
 class TokComDenoiserStage(_TextStage):
@@ -451,15 +465,8 @@ class TokComDenoiserStage(_TextStage):
     def evaluate(self, model, dataloader, accelerator):
         vae = self.task.frozen_vae(accelerator.device)
         gen = torch.Generator().manual_seed(self.task.eval_args.seed)
-
-        def measure(ids):
-            x1 = vae.encode(ids)
-            xt, t = flow_batch(x1, self.task.denoiser_config.noise_std, gen)
-            pred = model(xt, t).sample
-            nll = F.cross_entropy(vae.decode(pred).float().flatten(0, 1), ids.flatten(), reduction="none").view(len(ids), -1).sum(1)
-            return {"denoiser_ce": (nll, ids.shape[1]), "denoiser_mse": ((pred.float() - x1.float()).pow(2).flatten(1).sum(1), x1[0].numel())}
-
-        return gathered_means(dataloader, accelerator, measure)
+        noise_std = self.task.denoiser_config.noise_std
+        return _loader_means(dataloader, accelerator, lambda ids: denoiser_rows(vae, model, ids, noise_std, gen))
 
 
 class ReferenceLMStage(_TextStage):
@@ -469,8 +476,7 @@ class ReferenceLMStage(_TextStage):
         from transformers import Qwen2Config
 
         tok = self.task.tokenizer
-        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        return Qwen2Config(**{**self.task.reference_kwargs, "vocab_size": len(tok), "pad_token_id": pad,
+        return Qwen2Config(**{**self.task.reference_kwargs, "vocab_size": len(tok), "pad_token_id": self.task.pad_token_id,
                               "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id})
 
     def build_model(self):
@@ -493,9 +499,4 @@ class ReferenceLMStage(_TextStage):
 
     @torch.no_grad()
     def evaluate(self, model, dataloader, accelerator):
-        def measure(ids):
-            logits = model(input_ids=ids).logits.float()
-            nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1).sum(1)
-            return {"nll": (nll, ids.shape[1] - 1)}
-
-        return {"reference_perplexity": math.exp(gathered_means(dataloader, accelerator, measure)["nll"])}
+        return {"reference_perplexity": math.exp(_loader_means(dataloader, accelerator, lambda ids: lm_rows(model, ids))["nll"])}
