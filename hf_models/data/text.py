@@ -116,6 +116,22 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
+def _cached_folder(target: Path, marker: str, build) -> None:
+    """Make sure the cache folder `target` is complete (holds `marker`): under a lock, `build(staged_path)` writes it
+    into a temporary folder beside it, which then replaces any stale, incomplete `target`."""
+    if (target / marker).exists():
+        return
+    with FileLock(str(target.with_name(f"{target.name}.lock"))):
+        if (target / marker).exists():  # another process finished while we waited
+            return
+        with tempfile.TemporaryDirectory(prefix=f".{target.name}-tmp-", dir=target.parent) as tmp:
+            staged = Path(tmp) / target.name
+            build(str(staged))
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staged, target)
+
+
 def _read_cached_corpus(path: Path) -> bytes:
     data = path.read_bytes()
     verify_sha256(data, SHAKESPEARE_CORPUS_SHA256,
@@ -194,18 +210,9 @@ def train_bpe_tokenizer(text: str, vocab_size: int = 8192) -> PreTrainedTokenize
 def shakespeare_tokenizer(vocab_size: int = 8192, cache_dir: PathLike | None = None) -> PreTrainedTokenizerFast:
     """The BPE tokenizer trained on the Shakespeare train split, cached in
     `<cache_dir>/shakespeare/tokenizer-bpe<vocab_size>/` (trained once, a few seconds)."""
-    root = _root(cache_dir)
-    target = root / f"tokenizer-bpe{vocab_size}"
-    if not (target / "tokenizer.json").exists():
-        with FileLock(str(root / f"tokenizer-bpe{vocab_size}.lock")):
-            if not (target / "tokenizer.json").exists():
-                tokenizer = train_bpe_tokenizer(shakespeare_text("train", cache_dir), vocab_size)
-                with tempfile.TemporaryDirectory(prefix=f".{target.name}-tmp-", dir=root) as tmp:
-                    staged = Path(tmp) / target.name
-                    tokenizer.save_pretrained(str(staged))
-                    if target.exists():  # a stale, incomplete folder
-                        shutil.rmtree(target)
-                    os.replace(staged, target)
+    target = _root(cache_dir) / f"tokenizer-bpe{vocab_size}"
+    _cached_folder(target, "tokenizer.json",
+                   lambda staged: train_bpe_tokenizer(shakespeare_text("train", cache_dir), vocab_size).save_pretrained(staged))
     return PreTrainedTokenizerFast.from_pretrained(str(target))
 
 
@@ -349,16 +356,8 @@ def load_text_tokens(
     tokens_dir = _root(cache_dir) / "tokens"
     tokens_dir.mkdir(exist_ok=True)
     target = tokens_dir / f"{split}-{seq_len}-{key}"
-    if not (target / "state.json").exists():
-        with FileLock(str(tokens_dir / f"{target.name}.lock")):
-            if not (target / "state.json").exists():
-                dataset = _windows(_encode(tokenizer, shakespeare_text(split, cache_dir)), seq_len, split)
-                with tempfile.TemporaryDirectory(prefix=f".{target.name}-tmp-", dir=tokens_dir) as tmp:
-                    staged = Path(tmp) / target.name
-                    dataset.save_to_disk(str(staged))
-                    if target.exists():  # a stale, incomplete folder
-                        shutil.rmtree(target)
-                    os.replace(staged, target)
+    _cached_folder(target, "state.json",
+                   lambda staged: _windows(_encode(tokenizer, shakespeare_text(split, cache_dir)), seq_len, split).save_to_disk(staged))
     return load_from_disk(str(target))
 
 
