@@ -5,6 +5,7 @@ Seed sizes (TokCom v5.2): CodeLlama vocabulary (32,016), chunks of 4 tokens, 1,0
 hidden size 896, 24 layers, 14 query heads / 2 key-value heads, MLP 4,864, flow noise std 0.05.
 """
 
+import copy
 import math
 
 from transformers import PretrainedConfig, Qwen2Config
@@ -31,7 +32,10 @@ def _is_number(value) -> bool:
 
 
 def _backbone(backbone_config, **forced) -> Qwen2Config:
-    """A `Qwen2Config` from `None` (the seed sizes), a dict or a `Qwen2Config`, with `forced` fields set."""
+    """A `Qwen2Config` from `None` (the seed sizes), a dict or a `Qwen2Config` (copied: one object may serve the VAE
+    and the denoiser, which force different fields on it), with `forced` fields set."""
+    if isinstance(backbone_config, Qwen2Config):
+        backbone_config = copy.deepcopy(backbone_config)
     if backbone_config is None:
         backbone_config = dict(SEED_BACKBONE)
     if isinstance(backbone_config, dict):

@@ -282,6 +282,18 @@ def test_seed_configs_on_meta_device():
     assert sum(p.numel() for p in den.parameters()) == den_expected
 
 
+def test_a_shared_backbone_config_is_not_changed():
+    """The VAE forces its vocabulary onto the backbone, the denoiser a vocabulary of 1: one Qwen2Config given to both
+    stays the caller's, and each model keeps its own."""
+    from transformers import Qwen2Config
+
+    shared = Qwen2Config(**BACKBONE)
+    vae_cfg = TokComVAEConfig(vocab_size=VOCAB, latent_size=16, backbone_config=shared)
+    den_cfg = TokComDenoiserConfig(latent_size=16, max_chunks=8, backbone_config=shared)
+    assert vae_cfg.backbone_config.vocab_size == VOCAB and den_cfg.backbone_config.vocab_size == 1
+    assert shared.vocab_size == Qwen2Config().vocab_size and shared.hidden_size == 32
+
+
 @pytest.mark.parametrize(
     "cls, kwargs, message",
     [
