@@ -7,6 +7,7 @@ import importlib
 from ..arguments import ConfigError
 
 TASKS = {
+    "abstractinator": "trainers.tasks.abstractinator:AbstractinatorTask",
     "code_image": "trainers.tasks.code_image:CodeImageTask",
     "dtm": "trainers.tasks.dtm:DTMTask",
     "thermalizer": "trainers.tasks.thermalizer:ThermalizerTask",

@@ -11,9 +11,6 @@ against gzip / bzip2 / xz on the same test text.
 
 from __future__ import annotations
 
-import bz2
-import gzip
-import lzma
 import math
 import shutil
 from dataclasses import dataclass, field
@@ -372,15 +369,14 @@ def language_model_metrics(model, windows: torch.Tensor, tokenizer) -> dict:
     predicted_bytes = sum(len(tokenizer.decode(w[1:].tolist()).encode("utf-8")) for w in windows)
     tokens = windows[:, 1:].numel()
     text = "".join(tokenizer.decode(w.tolist()) for w in windows).encode("utf-8")
-    out = {
+    from hf_models.metrics.bits_per_byte import compressor_bits_per_byte
+
+    return {
         "reference_perplexity": math.exp(nll),
         "reference_bits_per_byte": nll * tokens / math.log(2) / predicted_bytes,
         "num_test_bytes": len(text),
+        **compressor_bits_per_byte(text),
     }
-    for name, compress in (("gzip", lambda b: gzip.compress(b, 9, mtime=0)), ("bzip2", lambda b: bz2.compress(b, 9)),
-                           ("xz", lambda b: lzma.compress(b, preset=9 | lzma.PRESET_EXTREME))):
-        out[f"{name}_bits_per_byte"] = 8 * len(compress(text)) / len(text)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------------

