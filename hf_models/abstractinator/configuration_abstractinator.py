@@ -206,8 +206,11 @@ class AbstractinatorConfig(PretrainedConfig):
         if code_lm_config is None:
             code_lm_config = dict(SEED_CODE_LM)
         if isinstance(code_lm_config, dict):
-            values = {k: v for k, v in code_lm_config.items() if k != "model_type"}
-            code_lm_config = LlamaConfig(**{**SEED_CODE_LM, **values})
+            values = {**SEED_CODE_LM, **{k: v for k, v in code_lm_config.items() if k != "model_type"}}
+            try:
+                code_lm_config = LlamaConfig(**values)
+            except Exception as err:  # transformers' own validators raise their own error types
+                raise ValueError(f"code_lm_config={code_lm_config!r} is invalid: {err}") from None
         if not isinstance(code_lm_config, LlamaConfig):
             raise ValueError(f"code_lm_config={type(code_lm_config).__name__} is invalid: expected a LlamaConfig, a "
                              "dict of its fields, or None (the seed sizes)")
