@@ -21,8 +21,10 @@ def load_run_task(out: Path, overrides=()):
     """The task of a finished run in ``out`` (its resolved ``config.yaml`` with ``output_dir`` pointing at ``out``),
     with ``--section.key value`` overrides; a ``ConfigError`` if ``out`` is not a finished run or an override is bad."""
     out = Path(out)
-    if not (out / "config.yaml").is_file() or not (out / "model_index.json").is_file():
-        raise ConfigError(f"{out} is not a finished run: it needs config.yaml and model_index.json")
+    exported = (out / "model_index.json").is_file() or (out / "eval_results.json").is_file()
+    if not (out / "config.yaml").is_file() or not exported:
+        raise ConfigError(f"{out} is not a finished run: it needs config.yaml and model_index.json (a pipeline) or "
+                          "eval_results.json (a model without a pipeline)")
     raw = yaml.safe_load((out / "config.yaml").read_text())
     raw["training"]["output_dir"] = str(out)
     config = build_config(raw, list(overrides), source=str(out / "config.yaml"))
