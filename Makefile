@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,thrml,peft]"
+	$(PY) -m pip install -q -e ".[dev,thrml,peft,lm_eval]"
 	$(PY) -m pip install -q "setuptools>=68" wheel
 	$(PY) -m pip install -q --no-build-isolation $(DEEPSPEED)
 	touch $(STAMP)

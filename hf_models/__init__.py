@@ -5,6 +5,7 @@ Importing a family's subpackage registers its config with ``AutoConfig`` and its
 module path recorded in ``model_index.json``; the classes are also exported here.
 """
 
+from .abstractinator import AbstractinatorConfig, AbstractinatorModel
 from .code_gpt import CodeGPTConfig, CodeGPTForCausalLM
 from .dtm import DTMConfig, DTMModel
 from .mnist_classifier import MNISTClassifierConfig, MNISTClassifierModel
@@ -13,6 +14,8 @@ from .tokcom import TokComDenoiserConfig, TokComDenoiserModel, TokComVAEConfig, 
 from .vq_tokenizer import VQTokenizerConfig, VQTokenizerModel
 
 __all__ = [
+    "AbstractinatorConfig",
+    "AbstractinatorModel",
     "CodeGPTConfig",
     "CodeGPTForCausalLM",
     "DTMConfig",

@@ -16,6 +16,7 @@ import hf_models
         ("thermalizer", AutoModel, "ThermalizerModel"),
         ("tokcom_vae", AutoModel, "TokComVAEModel"),
         ("tokcom_denoiser", AutoModel, "TokComDenoiserModel"),
+        ("abstractinator", AutoModel, "AbstractinatorModel"),
     ],
 )
 def test_auto_classes_resolve_every_family(model_type, auto, model_cls):

@@ -79,34 +79,6 @@ def _cut_at_stop(text: str, until: list) -> str:
     return text[:cut]
 
 
-@torch.no_grad()
-def _expand_counting(expander, code_vectors, max_length: int, allowed: torch.Tensor, prompt_segments: int):
-    """`AbstractinatorCodeExpander.generate` for one row, greedy, that also counts the symbols written in the first
-    `prompt_segments` segments (before the `prompt_segments`-th end-of-segment mark). Returns (symbols, count)."""
-    code_mask = torch.ones(code_vectors.shape[:2], dtype=torch.bool, device=code_vectors.device)
-    memory = expander.encode(code_vectors, code_mask)
-    wanted = code_mask.sum(1) // expander.num_queries
-    inputs = torch.full((1, 1), expander.start, dtype=torch.long, device=memory.device)
-    ended, written, in_prompt = 0, [], 0
-    for _ in range(max_length):
-        if ended >= int(wanted[0]):
-            break
-        segments = (inputs[:, 1:] == expander.end_of_segment).long().cumsum(1)
-        segments = torch.cat([torch.zeros_like(inputs[:, :1]), segments], dim=1)
-        segments = torch.minimum(segments, (wanted - 1).clamp(min=0)[:, None])
-        logits = expander.decode(memory, code_mask, inputs, segments)[:, -1].float()
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        nxt = int(logits.argmax(-1)[0])
-        if nxt == expander.end_of_segment:
-            ended += 1
-        else:
-            written.append(nxt)
-            if ended < prompt_segments:
-                in_prompt += 1
-        inputs = torch.cat([inputs, torch.tensor([[nxt]], dtype=torch.long, device=inputs.device)], dim=1)
-    return written, in_prompt
-
-
 @register_model("hier_ae")
 class HierarchicalAELM(LM):
     """lm-eval model `hier_ae`: an [`AbstractinatorModel`] scored by two-part code lengths (see the module docstring).
@@ -359,48 +331,12 @@ class HierarchicalAELM(LM):
         prompt's codes at every level), so the continuation is exactly `all[prompt:]`. An empty prompt starts the
         code LM from BOS alone. `max_length` caps the symbols each expander writes (default: the config's
         `expander_max_length` plus twice the prompt's bytes, so a long prompt leaves room for the new bytes)."""
-        model, cfg = self.model, self.config.code_lm_config
         prompt = _to_bytes(context)
         if max_length is None:
             max_length = self.config.expander_max_length + 2 * len(prompt)
-        device = self._device
-        if prompt:
-            codes = model.encode(torch.tensor([list(prompt)], dtype=torch.long, device=device))[0]
-        else:
-            codes = torch.zeros(0, dtype=torch.long, device=device)
-        lm_input = torch.cat([torch.tensor([cfg.bos_token_id], device=device), codes])[None]
-        sequences = model.code_lm.generate(
-            input_ids=lm_input,
-            attention_mask=torch.ones_like(lm_input),
-            max_new_tokens=max_new_codes,
-            do_sample=do_sample,
-            temperature=temperature if do_sample else None,
-            top_k=top_k if do_sample else None,
-            top_p=top_p if do_sample else None,
-            eos_token_id=cfg.eos_token_id,
-            pad_token_id=cfg.pad_token_id,
-            suppress_tokens=[cfg.bos_token_id],
-        )[0, 1:]
-        end = (sequences == cfg.eos_token_id).nonzero()
-        if len(end):
-            sequences = sequences[: int(end[0])]
-        symbols, prompt_symbols = sequences, codes.numel()
-        for level in reversed(range(self.config.num_levels)):
-            if symbols.numel() == 0:
-                return b"", 0
-            compressor, expander = model.compressors[level], model.expanders[level]
-            size = compressor.quantizer.codebook_size
-            if int(symbols.min()) < 0 or int(symbols.max()) >= size:
-                raise ValueError(f"level {level} codes outside [0, codebook_size={size})")
-            vectors = compressor.quantizer.lookup(symbols)[None].to(model.dtype)
-            allowed = torch.ones(self.config.level_vocab_size(level) + 1, dtype=torch.bool, device=device)
-            if level == 0:  # bytes and end-of-segment only
-                allowed[[self.config.bos_token_id, self.config.eos_token_id, self.config.pad_token_id]] = False
-            # a segment holding any of the prompt's codes belongs to the prompt
-            prompt_segments = -(-prompt_symbols // expander.num_queries)
-            written, prompt_symbols = _expand_counting(expander, vectors, max_length, allowed, prompt_segments)
-            symbols = torch.tensor(written, dtype=torch.long, device=device)
-        return bytes(symbols.tolist()), prompt_symbols
+        prompt_codes, codes = self.model.continue_codes(prompt, max_new_codes, do_sample, temperature, top_k, top_p)
+        symbols, counted = self.model.decode_codes(codes, max_length=max_length, prompt_codes=len(prompt_codes))
+        return bytes(symbols.tolist()), counted
 
     def generate_new_bytes(self, context, max_new_codes: int, **kwargs) -> bytes:
         """The bytes written for the new codes only (see `generate_with_prompt_length`)."""

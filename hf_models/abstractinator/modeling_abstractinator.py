@@ -423,15 +423,18 @@ class AbstractinatorCodeExpander(nn.Module):
 
     @torch.no_grad()
     def generate(self, code_vectors, code_mask, max_length: int, allowed_symbols: Optional[torch.Tensor] = None,
-                 do_sample: bool = False, temperature: float = 1.0, generator: Optional[torch.Generator] = None):
+                 do_sample: bool = False, temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+                 count_segments: int = 0):
         """Symbols of every row, segment by segment, until a row has ended as many segments as it has, or
-        `max_length`. Returns a list of 1-D tensors (end-of-segment marks removed)."""
+        `max_length`. Returns a list of 1-D tensors (end-of-segment marks removed) and, per row, how many of those
+        symbols belong to the first `count_segments` segments."""
         batch = code_vectors.shape[0]
         memory = self.encode(code_vectors, code_mask)
         wanted = code_mask.sum(1) // self.num_queries
         inputs = torch.full((batch, 1), self.start, dtype=torch.long, device=memory.device)
         ended = torch.zeros(batch, dtype=torch.long, device=memory.device)
         written = [[] for _ in range(batch)]
+        counted = [0] * batch
         for _ in range(max_length):
             done = ended >= wanted
             if bool(done.all()):
@@ -450,9 +453,10 @@ class AbstractinatorCodeExpander(nn.Module):
             for b in range(batch):
                 if not bool(done[b]) and int(nxt[b]) != self.end_of_segment:
                     written[b].append(int(nxt[b]))
+                    counted[b] += int(ended[b]) < count_segments
             ended = ended + ((nxt == self.end_of_segment) & ~done).long()
             inputs = torch.cat([inputs, nxt[:, None]], dim=1)
-        return [torch.tensor(w, dtype=torch.long, device=memory.device) for w in written]
+        return [torch.tensor(w, dtype=torch.long, device=memory.device) for w in written], counted
 
 
 class AbstractinatorPreTrainedModel(PreTrainedModel):
@@ -667,15 +671,22 @@ class AbstractinatorModel(AbstractinatorPreTrainedModel):
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.LongTensor, max_length: Optional[int] = None, do_sample: bool = False,
-                     temperature: float = 1.0, generator: Optional[torch.Generator] = None) -> list:
-        """Top codes `(num_codes,)` of one sequence -> its level-0 symbols (1-D tensor), expanding level by level."""
+                     temperature: float = 1.0, generator: Optional[torch.Generator] = None,
+                     prompt_codes: Optional[int] = None):
+        """Top codes `(num_codes,)` of one sequence -> its level-0 symbols (1-D tensor), expanding level by level.
+        With `prompt_codes`, also returns how many of the symbols the expanders wrote for the first `prompt_codes`
+        codes (a segment holding any of them counts whole), so `symbols[count:]` is what the later codes became."""
         if codes.dim() != 1:
             raise ValueError(f"codes must be 1-D (one sequence); got shape {tuple(codes.shape)}")
         max_length = max_length or self.config.expander_max_length
+        counted = prompt_codes or 0
         for level in reversed(range(self.config.num_levels)):
             compressor, expander = self.compressors[level], self.expanders[level]
             size = compressor.quantizer.codebook_size
-            if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= size):
+            if codes.numel() == 0:
+                counted = 0
+                break
+            if int(codes.min()) < 0 or int(codes.max()) >= size:
                 raise ValueError(f"level {level} codes outside [0, codebook_size={size}): min {int(codes.min())}, "
                                  f"max {int(codes.max())}")
             vectors = compressor.quantizer.lookup(codes)[None].to(self.dtype)
@@ -684,35 +695,25 @@ class AbstractinatorModel(AbstractinatorPreTrainedModel):
             allowed = torch.ones(vocab + 1, dtype=torch.bool, device=codes.device)
             if level == 0:  # bytes and end-of-segment only
                 allowed[[self.config.bos_token_id, self.config.eos_token_id, self.config.pad_token_id]] = False
-            codes = expander.generate(vectors, mask, max_length, allowed, do_sample, temperature, generator)[0]
-        return codes
+            segments = -(-counted // expander.num_queries)
+            rows, counts = expander.generate(vectors, mask, max_length, allowed, do_sample, temperature, generator,
+                                             count_segments=segments)
+            codes, counted = rows[0], counts[0]
+        return codes if prompt_codes is None else (codes, counted)
 
     @torch.no_grad()
-    def generate_bytes(
-        self,
-        prompt,
-        max_new_codes: int = 64,
-        do_sample: bool = True,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        generator: Optional[torch.Generator] = None,
-        max_length: Optional[int] = None,
-    ) -> bytes:
-        """End-to-end generation (the original's `generate_bytes`): the prompt is compressed to top codes, the code LM
-        continues them with `generate()` (its sampling processors) until EOS or `max_new_codes`, and the expanders
-        decode the whole code sequence back into bytes, greedily. Returns the bytes (the prompt's reconstruction
-        followed by the continuation). Seed torch (or pass `generator` to the expanders) for repeatable samples."""
+    def continue_codes(self, prompt: bytes, max_new_codes: int, do_sample: bool = True, temperature: float = 1.0,
+                       top_k: Optional[int] = None, top_p: Optional[float] = None):
+        """The prompt's top codes and the code LM's continuation with `generate()` (its sampling processors) until
+        EOS or `max_new_codes`: returns (prompt codes, all codes), 1-D. An empty prompt starts from BOS alone."""
         if self.code_lm is None:
-            raise ValueError("generate_bytes needs the code language model: this model has use_code_lm=False")
-        if isinstance(prompt, str):
-            prompt = prompt.encode("utf-8")
-        if not isinstance(prompt, (bytes, bytearray)) or not prompt:
-            raise ValueError(f"prompt must be a non-empty str or bytes; got {prompt!r}")
+            raise ValueError("generation needs the code language model: this model has use_code_lm=False")
         if max_new_codes < 1:
             raise ValueError(f"max_new_codes={max_new_codes} must be >= 1")
-        ids = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
-        codes = self.encode(ids)[0]
+        if prompt:
+            codes = self.encode(torch.tensor([list(prompt)], dtype=torch.long, device=self.device))[0]
+        else:
+            codes = torch.zeros(0, dtype=torch.long, device=self.device)
         cfg = self.config.code_lm_config
         lm_input = torch.cat([torch.tensor([cfg.bos_token_id], device=self.device), codes])[None]
         sequences = self.code_lm.generate(
@@ -730,8 +731,37 @@ class AbstractinatorModel(AbstractinatorPreTrainedModel):
         end = (sequences == cfg.eos_token_id).nonzero()
         if len(end):
             sequences = sequences[: int(end[0])]
-        symbols = self.decode_codes(sequences, max_length=max_length)
-        return bytes(symbols.tolist())
+        return codes, sequences
+
+    @torch.no_grad()
+    def generate_bytes(
+        self,
+        prompt,
+        max_new_codes: int = 64,
+        do_sample: bool = True,
+        temperature: float = 1.0,
+        top_k: Optional[int] = None,
+        top_p: Optional[float] = None,
+        generator: Optional[torch.Generator] = None,
+        max_length: Optional[int] = None,
+        return_prompt_length: bool = False,
+    ):
+        """End-to-end generation (the original's `generate_bytes`): the prompt is compressed to top codes, the code LM
+        continues them with `generate()` (its sampling processors) until EOS or `max_new_codes`, and the expanders
+        decode the whole code sequence back into bytes, greedily. Returns the bytes: the prompt as the expanders
+        rebuild it, then the continuation; with `return_prompt_length`, also how many of them belong to the prompt's
+        codes (`out[n:]` is the continuation alone). Seed torch for repeatable samples."""
+        if self.code_lm is None:
+            raise ValueError("generate_bytes needs the code language model: this model has use_code_lm=False")
+        if isinstance(prompt, str):
+            prompt = prompt.encode("utf-8")
+        if not isinstance(prompt, (bytes, bytearray)) or not prompt:
+            raise ValueError(f"prompt must be a non-empty str or bytes; got {prompt!r}")
+        prompt_codes, codes = self.continue_codes(bytes(prompt), max_new_codes, do_sample, temperature, top_k, top_p)
+        symbols, counted = self.decode_codes(codes, max_length=max_length, generator=generator,
+                                             prompt_codes=len(prompt_codes))
+        data = bytes(symbols.tolist())
+        return (data, counted) if return_prompt_length else data
 
 
 __all__ = [

@@ -9,12 +9,12 @@ import socket
 import pytest
 import torch
 
-lm_eval = pytest.importorskip("lm_eval")
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.api.registry import get_model  # noqa: E402
+import lm_eval  # the `lm_eval` extra, installed by `make install`
+from lm_eval.api.instance import Instance
+from lm_eval.api.registry import get_model
 
-from hf_models.abstractinator import AbstractinatorConfig, AbstractinatorModel  # noqa: E402
-from hf_models.abstractinator.lm_eval_adapter import HierarchicalAELM  # noqa: E402
+from hf_models.abstractinator import AbstractinatorConfig, AbstractinatorModel
+from hf_models.abstractinator.lm_eval_adapter import HierarchicalAELM
 
 
 torch.set_num_threads(1)
