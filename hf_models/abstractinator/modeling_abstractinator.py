@@ -596,6 +596,7 @@ class AbstractinatorModel(AbstractinatorPreTrainedModel):
         labels: Optional[torch.LongTensor] = None,
         return_loss: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        code_lm_only: bool = False,
         **kwargs,
     ):
         r"""
@@ -603,8 +604,15 @@ class AbstractinatorModel(AbstractinatorPreTrainedModel):
         attention_mask (`torch.Tensor` of shape `(batch, seq_len)`, *optional*): 1 for real positions.
         labels (`torch.LongTensor`, *optional*): accepted for the trainers' convention (the targets are the input
             itself); giving them, or `return_loss=True`, computes the loss.
+        code_lm_only (`bool`, *optional*, defaults to `False`):
+            Train the code LM alone on the frozen autoencoder's codes (the original's separate top-LM stage): the
+            compressors run without gradients and in eval mode (their codebooks do not move), the expanders do not
+            run, and `loss` is the code LM's loss.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if code_lm_only:
+            output = self._code_lm_forward(input_ids, attention_mask)
+            return output if return_dict else output.to_tuple()
         compressed, inputs = self.compress(input_ids, attention_mask)
         recon, aux, expander_logits, expander_labels = [], [], [], []
         for level, (out, (ids, valid)) in enumerate(zip(compressed, inputs)):
@@ -647,6 +655,29 @@ class AbstractinatorModel(AbstractinatorPreTrainedModel):
             bytes_per_code=bytes_per_code,
         )
         return output if return_dict else output.to_tuple()
+
+    def _code_lm_forward(self, input_ids, attention_mask) -> AbstractinatorOutput:
+        if self.code_lm is None:
+            raise ValueError("code_lm_only needs the code language model: this model has use_code_lm=False")
+        modes = [c.training for c in self.compressors]
+        self.compressors.eval()
+        try:
+            with torch.no_grad():
+                compressed, _ = self.compress(input_ids, attention_mask)
+        finally:
+            for compressor, mode in zip(self.compressors, modes):
+                compressor.train(mode)
+        top = compressed[-1]
+        lm_ids, lm_mask, lm_labels = self.code_lm_inputs(top.codes, top.code_mask)
+        loss = self.code_lm(input_ids=lm_ids, attention_mask=lm_mask, labels=lm_labels).loss
+        num_bytes = (input_ids.numel() if attention_mask is None else attention_mask.sum()).__float__()
+        return AbstractinatorOutput(
+            loss=loss,
+            code_lm_loss=loss,
+            codes=tuple(out.codes for out in compressed),
+            code_masks=tuple(out.code_mask for out in compressed),
+            bytes_per_code=torch.tensor(num_bytes / max(int(top.code_mask.sum()), 1)),
+        )
 
     @torch.no_grad()
     def causal_bits(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None) -> dict:

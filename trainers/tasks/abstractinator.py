@@ -1,8 +1,12 @@
-"""The Abstractinator: one stage that trains the whole hierarchy (every level's compressor and expander and the code
-language model) on windows of raw UTF-8 bytes, with the original's loss: reconstruction cross-entropy + commitment +
-`aux_lm_loss_weight` x the entropy models' next-byte loss + `code_lm_loss_weight` x the code LM's loss.
+"""The Abstractinator on windows of raw UTF-8 bytes, in two stages (the original's stage-1 autoencoder and its separate
+top-LM experiment):
 
-Exported as the `AbstractinatorModel` in `output_dir/abstractinator` (with its remote code at the root). Evaluation on
+1. `autoencoder` trains the whole hierarchy (every level's compressor and expander, and the code language model) with
+   the original's loss: reconstruction cross-entropy + commitment + `aux_lm_loss_weight` x the entropy models'
+   next-byte loss + `code_lm_loss_weight` x the code LM's loss (on codes that still move);
+2. `abstractinator` freezes the autoencoder and trains the code LM alone on its now fixed codes.
+
+Exported as the `AbstractinatorModel` of stage 2 in `output_dir/abstractinator` (with its remote code at the root). Evaluation on
 test windows: causal bits per byte (the code LM's bits for the top codes + the expanders' bits for the bytes given
 those codes: a two-part code, DESIGN.md), split into its two parts, next to the level-0 entropy model's own bits per
 byte and gzip / bzip2 / xz on the same bytes; bytes per top code; codebook use; teacher-forced and greedy
@@ -25,7 +29,8 @@ from ..arguments import ConfigError, check_config_kwargs, check_section
 from .base import Stage, StepOutput, Task
 from .tokcom import batch_means
 
-STAGE = "abstractinator"
+STAGE = "abstractinator"  # the final model (stage 2); also the name of the model section
+STAGES = ("autoencoder", STAGE)
 LN2 = math.log(2)
 
 
@@ -106,9 +111,9 @@ class AbstractinatorTask(Task):
         unknown = sorted(set(config.model) - {STAGE})
         if unknown:
             raise ConfigError(f"unknown model section(s) {unknown} for task abstractinator; allowed: {STAGE}")
-        unknown_stages = sorted(set(config.stages) - {STAGE})
+        unknown_stages = sorted(set(config.stages) - set(STAGES))
         if unknown_stages:
-            raise ConfigError(f"unknown stage(s) {unknown_stages}; abstractinator has one stage: {STAGE}")
+            raise ConfigError(f"unknown stage(s) {unknown_stages}; abstractinator has stages: {', '.join(STAGES)}")
         self.data_args = check_section(config.data, AbstractinatorDataArguments, "data", source)
         self.eval_args = check_section(config.evaluation, AbstractinatorEvalArguments, "evaluation", source)
         kwargs = check_config_kwargs(AbstractinatorConfig, config.model.get(STAGE) or {}, f"model.{STAGE}", source)
@@ -122,7 +127,7 @@ class AbstractinatorTask(Task):
         if not self.model_config.use_code_lm:
             raise ConfigError(f"model.{STAGE}.use_code_lm=false: the task's evaluation (causal bits per byte, "
                               "generate_bytes) needs the code language model")
-        self._stages = [AbstractinatorStage(self)]
+        self._stages = [AutoencoderStage(self), CodeLMStage(self)]
         self._windows: dict = {}
 
     def stages(self):
@@ -304,8 +309,10 @@ def greedy_reconstructions(model, windows: torch.Tensor) -> dict:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class AbstractinatorStage(Stage):
-    name = STAGE
+class AutoencoderStage(Stage):
+    """Stage 1: the whole model with the original's joint loss."""
+
+    name = "autoencoder"
     throughput_unit = "bytes"
 
     def build_model(self):
@@ -328,13 +335,15 @@ class AbstractinatorStage(Stage):
         # the codebooks are EMA buffers, updated in every training step: kept and saved whole under LoRA
         return ["quantizer"]
 
+    def model_inputs(self, batch) -> dict:
+        return {"input_ids": batch["input_ids"], "labels": batch["input_ids"]}
+
     def compute_loss(self, model, batch, generator):
         ids = batch["input_ids"]
-        out = model(input_ids=ids, labels=ids)
-        logs = {"reconstruction_loss": out.reconstruction_loss.item(), "aux_lm_loss": out.aux_lm_loss.item(),
-                "commitment_loss": out.commitment_loss.item(), "bytes_per_code": out.bytes_per_code.item()}
-        if out.code_lm_loss is not None:
-            logs["code_lm_loss"] = out.code_lm_loss.item()
+        out = model(**self.model_inputs(batch))
+        logs = {name: getattr(out, name).item() for name in
+                ("reconstruction_loss", "aux_lm_loss", "commitment_loss", "code_lm_loss", "bytes_per_code")
+                if getattr(out, name) is not None}
         return StepOutput(loss=out.loss, logs=logs, num_items=ids.numel())
 
     @torch.no_grad()
@@ -342,3 +351,26 @@ class AbstractinatorStage(Stage):
         unwrapped = accelerator.unwrap_model(model)
         return bits_metrics(unwrapped, (batch["input_ids"] for batch in dataloader), self.task.data_args.seq_len,
                             accelerator.gather_for_metrics)
+
+
+class CodeLMStage(AutoencoderStage):
+    """Stage 2: the code LM alone on the frozen autoencoder's codes (loaded from stage 1's folder)."""
+
+    name = STAGE
+
+    def build_model(self):
+        model = self.load(str(Path(self.task.output_dir) / "autoencoder"))
+        model.requires_grad_(False)
+        model.code_lm.requires_grad_(True)
+        return model
+
+    def peft_target_modules(self):
+        # the code LM's attention only (the rest is frozen and runs without gradients in this stage)
+        layers = self.task.model_config.code_lm_config.num_hidden_layers
+        return [f"code_lm.model.layers.{i}.self_attn.{p}" for i in range(layers) for p in ("q_proj", "k_proj", "v_proj", "o_proj")]
+
+    def peft_modules_to_save(self):
+        return []
+
+    def model_inputs(self, batch) -> dict:
+        return {"input_ids": batch["input_ids"], "code_lm_only": True}
