@@ -4,7 +4,8 @@
 
 * the base of stage ``S`` is ``<peft.base_model>/<S>`` (a finished run's output folder: each stage's final
   folder, which is also the exported pipeline's component folder), or ``<peft.base_model>`` itself when it
-  holds a model (``config.json``) and the task has one stage;
+  holds a model (``config.json``) and the task has one stage; a stage that continues the previous stage's
+  model (``Stage.starts_from_previous_stage``) takes this run's previous stage as its base instead;
 * the architecture comes from the experiment file (``model:``), the weights from the base (a size or name
   mismatch is an error);
 * LoRA targets are ``peft.target_modules`` (a list for every stage, or a mapping stage -> list) or the
@@ -159,7 +160,11 @@ def load_base_weights(stage: "Stage", model: torch.nn.Module, directory: Path) -
 
 
 def load_stage_base(stage: "Stage", model: torch.nn.Module, peft_args: PeftArguments, num_stages: int) -> torch.nn.Module:
-    """``model``'s architecture with the weights of the stage's base (``base_model_dir``)."""
+    """``model``'s architecture with the weights of the stage's base (``base_model_dir``); a stage that starts from
+    this run's previous stage keeps the weights its ``build_model`` loaded."""
+    if stage.starts_from_previous_stage:
+        logger.info(f"stage {stage.name}: LoRA on this run's previous stage")
+        return model
     directory = base_model_dir(peft_args, stage, num_stages)
     logger.info(f"stage {stage.name}: LoRA on the base model {directory}")
     return load_base_weights(stage, model, directory)
@@ -184,7 +189,8 @@ def check_peft(config, task: "Task"):
         with torch.random.fork_rng(devices=[]):  # the dry run must not move the training RNG
             apply_lora(stage, stage.build_model(), peft_args)
     for stage in stages:
-        base_model_dir(peft_args, stage, len(stages))
+        if not stage.starts_from_previous_stage:
+            base_model_dir(peft_args, stage, len(stages))
 
 
 ADAPTER_CARD = """---

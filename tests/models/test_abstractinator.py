@@ -132,6 +132,24 @@ def test_ema_codebook_moves_in_training_only():
     assert bool((quantizer.ema_cluster_size >= quantizer.dead_code_threshold - 1e-6).all())
 
 
+def test_code_lm_only_trains_the_code_lm_on_frozen_codes():
+    model = get_model().train()
+    ids, mask = batch(TEXT, TEXT[:20])
+    codebook = model.compressors[0].quantizer.codebook.clone()
+    out = model(ids, attention_mask=mask, code_lm_only=True)
+    assert out.loss is out.code_lm_loss and out.reconstruction_loss is None
+    out.loss.backward()
+    # the codebook did not move although the model is in training mode, and only the code LM got gradients
+    assert torch.equal(model.compressors[0].quantizer.codebook, codebook)
+    assert model.compressors[0].training  # the mode is given back
+    grads = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all(n.startswith("code_lm.") for n in grads)
+    # its loss is the joint forward's code LM loss on the same codes
+    model.eval()
+    assert torch.allclose(model(ids, attention_mask=mask, code_lm_only=True).loss,
+                          model(ids, attention_mask=mask).code_lm_loss)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # causal bits
 # ---------------------------------------------------------------------------------------------------------------------

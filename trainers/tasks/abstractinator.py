@@ -357,9 +357,17 @@ class CodeLMStage(AutoencoderStage):
     """Stage 2: the code LM alone on the frozen autoencoder's codes (loaded from stage 1's folder)."""
 
     name = STAGE
+    starts_from_previous_stage = True
 
     def build_model(self):
-        model = self.load(str(Path(self.task.output_dir) / "autoencoder"))
+        from hf_models.abstractinator import AbstractinatorModel
+
+        directory = Path(self.task.output_dir) / "autoencoder"
+        if (directory / "config.json").is_file():
+            model = self.load(str(directory))
+        else:  # the architecture alone, for the trainers' dry runs (LoRA targets) before stage 1 has run
+            model = AbstractinatorModel(self.task.model_config)
+            model.untrained_autoencoder = True
         model.requires_grad_(False)
         model.code_lm.requires_grad_(True)
         return model
@@ -374,3 +382,9 @@ class CodeLMStage(AutoencoderStage):
 
     def model_inputs(self, batch) -> dict:
         return {"input_ids": batch["input_ids"], "code_lm_only": True}
+
+    def compute_loss(self, model, batch, generator):
+        if getattr(model, "untrained_autoencoder", False) or getattr(getattr(model, "module", None), "untrained_autoencoder", False):
+            raise RuntimeError(f"stage {self.name}: {Path(self.task.output_dir) / 'autoencoder'} held no trained "
+                               "autoencoder when this stage was built")
+        return super().compute_loss(model, batch, generator)

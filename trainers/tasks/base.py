@@ -32,6 +32,9 @@ class Stage:
 
     name: str = "model"
     throughput_unit: str = "samples"
+    # True for a stage whose ``build_model`` continues the model that the previous stage of this run saved (under
+    # LoRA that model, not the base run's, is the stage's base)
+    starts_from_previous_stage: bool = False
 
     def __init__(self, task: "Task"):
         self.task = task
