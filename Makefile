@@ -41,6 +41,7 @@ bench: install
 	$(PY) benchmarks/gibbs_vs_thrml.py
 	$(PY) benchmarks/scaling.py
 	$(PY) benchmarks/tokcom_generation.py
+	$(PY) benchmarks/abstractinator_speed.py
 
 clean:
 	rm -rf outputs .pytest_cache
