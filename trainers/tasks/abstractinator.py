@@ -23,11 +23,10 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from ..arguments import ConfigError, check_config_kwargs, check_section
 from .base import Stage, StepOutput, Task
-from .tokcom import batch_means
+from .windows import TokenWindows, batch_means, batches
 
 STAGE = "abstractinator"  # the final model (stage 2); also the name of the model section
 STAGES = ("autoencoder", STAGE)
@@ -84,19 +83,6 @@ class AbstractinatorEvalArguments:
             raise ConfigError(f"evaluation.top_k={self.top_k!r} is invalid: expected an int >= 1 or null")
         if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
             raise ConfigError(f"evaluation.top_p={self.top_p!r} is invalid: expected a number in (0, 1] or null")
-
-
-class ByteWindows(Dataset):
-    """Fixed-length byte windows held as one LongTensor."""
-
-    def __init__(self, input_ids: torch.Tensor):
-        self.input_ids = input_ids
-
-    def __len__(self):
-        return len(self.input_ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.input_ids[i], "index": i}
 
 
 class AbstractinatorTask(Task):
@@ -178,7 +164,7 @@ class AbstractinatorTask(Task):
         ev = self.eval_args
         model.eval()
         test = self.windows("test")
-        results = bits_metrics(model, _batches(test, model.device), test.shape[1])
+        results = bits_metrics(model, batches(test, model.device), test.shape[1])
         results.update(code_metrics(model, test))
         results.update(compressor_bits_per_byte(bytes(test.flatten().tolist())))
         recon = greedy_reconstructions(model, test[: ev.num_reconstructions])
@@ -214,11 +200,6 @@ class AbstractinatorTask(Task):
 # ---------------------------------------------------------------------------------------------------------------------
 # metrics
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _batches(x: torch.Tensor, device, size: int = 32):
-    for start in range(0, len(x), size):
-        yield x[start: start + size].to(device)
 
 
 def bits_rows(model, ids) -> dict:
@@ -262,7 +243,7 @@ def code_metrics(model, windows: torch.Tensor) -> dict:
     counts = [torch.zeros(c["codebook_size"], dtype=torch.long) for c in model.config.compressor_level_configs]
     correct = [0] * model.config.num_levels
     total = [0] * model.config.num_levels
-    for ids in _batches(windows, model.device):
+    for ids in batches(windows, model.device):
         out = model(ids, return_dict=True)
         for level, (codes, mask) in enumerate(zip(out.codes, out.code_masks)):
             counts[level] += torch.bincount(codes[mask].cpu(), minlength=len(counts[level]))
@@ -326,7 +307,7 @@ class AutoencoderStage(Stage):
         return AbstractinatorModel.from_pretrained(directory)
 
     def build_datasets(self, accelerator):
-        return ByteWindows(self.task.windows("train")), ByteWindows(self.task.windows("test"))
+        return TokenWindows(self.task.windows("train")), TokenWindows(self.task.windows("test"))
 
     def peft_target_modules(self):
         return ["q_proj", "k_proj", "v_proj", "o_proj"]

@@ -19,10 +19,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from ..arguments import ConfigError, check_config_kwargs, check_section
 from .base import Stage, StepOutput, Task
+from .windows import TokenWindows, batch_means
+from .windows import batches as _batches
 
 STAGES = ("vae", "denoiser", "reference_lm")
 
@@ -72,19 +73,6 @@ class TokComEvalArguments:
         if any(not isinstance(s, (int, float)) or isinstance(s, bool) or not s > 0 for s in levels):
             raise ConfigError(f"evaluation.latent_noise_levels={levels!r} is invalid: expected numbers > 0")
         self.latent_noise_levels = [float(s) for s in levels]
-
-
-class TokenWindows(Dataset):
-    """Fixed-length token windows held as one LongTensor."""
-
-    def __init__(self, input_ids: torch.Tensor):
-        self.input_ids = input_ids
-
-    def __len__(self):
-        return len(self.input_ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.input_ids[i], "index": i}
 
 
 class TokComTask(Task):
@@ -262,27 +250,6 @@ class TokComTask(Task):
 # ---------------------------------------------------------------------------------------------------------------------
 # metrics
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _batches(x: torch.Tensor, device, size: int = 64):
-    for start in range(0, len(x), size):
-        yield x[start: start + size].to(device)
-
-
-def batch_means(batches, measure, gather=None) -> dict:
-    """Means over batches of token ids: `measure(input_ids)` gives, per name, a tensor of per-row sums and the units
-    each row holds (tokens, latent entries); the result is sum / units per name. `gather` (an evaluation loader's
-    `accelerator.gather_for_metrics`) first collects the rows of every process."""
-    sums, units = {}, {}
-    for ids in batches:
-        rows = measure(ids)
-        values = {name: value for name, (value, _) in rows.items()}
-        if gather is not None:
-            values = gather(values)
-        for name, value in values.items():
-            sums[name] = sums.get(name, 0.0) + value.double().sum().item()
-            units[name] = units.get(name, 0) + value.numel() * rows[name][1]
-    return {name: sums[name] / units[name] for name in sums}
 
 
 def vae_rows(vae, ids) -> dict:
