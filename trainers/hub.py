@@ -92,7 +92,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
             "bytes_per_code": "bytes per top-level code (the compression of the sequence length)",
             "codebook_usage": "share of the level-0 codebook used on the test windows",
             "teacher_forced_accuracy": "the level-0 expander's argmax accuracy on bytes and end-of-segment marks given the true prefix",
-            "greedy_reconstruction_byte_accuracy": "share of a window's bytes given back by greedy decoding of its own codes",
+            "greedy_reconstruction_byte_error_rate": "edit distance between a window and the greedy decoding of its own codes, per byte (lower is better)",
             "greedy_reconstruction_exact_match": "share of windows given back exactly",
             "gzip_bits_per_byte": "gzip -9 on the same test bytes",
             "bzip2_bits_per_byte": "bzip2 -9 on the same test bytes",

@@ -49,7 +49,7 @@ def test_tiny_run_writes_the_output_folder(tiny_run):
     results = json.loads((out / "eval_results.json").read_text())
     for key in ("bits_per_byte", "code_bits_per_byte", "expander_bits_per_byte", "entropy_model_bits_per_byte",
                 "bytes_per_code", "codebook_usage", "code_perplexity", "teacher_forced_accuracy",
-                "greedy_reconstruction_byte_accuracy", "greedy_reconstruction_exact_match", "gzip_bits_per_byte",
+                "greedy_reconstruction_byte_error_rate", "greedy_reconstruction_exact_match", "gzip_bits_per_byte",
                 "bzip2_bits_per_byte", "xz_bits_per_byte", "generated_bytes_mean"):
         assert isinstance(results[key], float) and math.isfinite(results[key]) and results[key] >= 0, key
     assert results["bits_per_byte"] == pytest.approx(results["code_bits_per_byte"] + results["expander_bits_per_byte"])
@@ -236,3 +236,13 @@ def test_config_errors(overrides, message):
 
     with pytest.raises(ConfigError, match=message):
         build_task(load_config(TINY, overrides))
+
+
+def test_edit_distance():
+    from trainers.tasks.abstractinator import edit_distance
+
+    assert edit_distance(list(b"kitten"), list(b"sitting")) == 3
+    assert edit_distance(list(b"abc"), list(b"abc")) == 0
+    assert edit_distance([], [1, 2]) == 2 and edit_distance([1, 2], []) == 2
+    # one dropped byte costs one error, not a shifted rest
+    assert edit_distance(list(b"the wonders"), list(b"the wnders")) == 1
