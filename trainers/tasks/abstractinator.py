@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from ..arguments import ConfigError, check_config_kwargs, check_section
 from .base import Stage, StepOutput, Task
-from .windows import TokenWindows, batch_means, batches
+from .windows import TextSourceArguments, TokenWindows, batch_means, batches
 
 STAGE = "abstractinator"  # the final model (stage 2); also the name of the model section
 STAGES = ("autoencoder", STAGE)
@@ -34,26 +34,13 @@ LN2 = math.log(2)
 
 
 @dataclass
-class AbstractinatorDataArguments:
-    # "shakespeare" (offline, DATA.md section 2), a Hub data set id with a "text" column (online; `dataset_config`
-    # names its configuration) or a local .txt file (the same file for every split)
-    dataset: str = "shakespeare"
-    dataset_config: Optional[str] = None
-    seq_len: int = 256
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
+class AbstractinatorDataArguments(TextSourceArguments):
+    seq_len: int = 256  # bytes per window
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len < 2:
             raise ConfigError(f"data.seq_len={self.seq_len!r} is invalid: expected an int >= 2 (bytes per window)")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"data.{name}={value!r} is invalid: expected an int >= 1 or null")
-
-    @property
-    def name_or_path(self) -> Optional[str]:
-        return None if self.dataset == "shakespeare" else self.dataset
 
 
 @dataclass

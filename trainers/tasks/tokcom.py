@@ -22,39 +22,26 @@ import torch.nn.functional as F
 
 from ..arguments import ConfigError, check_config_kwargs, check_section
 from .base import Stage, StepOutput, Task
-from .windows import TokenWindows, batch_means
+from .windows import TextSourceArguments, TokenWindows, batch_means
 from .windows import batches as _batches
 
 STAGES = ("vae", "denoiser", "reference_lm")
 
 
 @dataclass
-class TokComDataArguments:
-    # "shakespeare" (offline, DATA.md section 2), a Hub data set id (online; `dataset_config` names its
-    # configuration, e.g. wikitext / wikitext-2-raw-v1) or a local .txt file (the same file for every split)
-    dataset: str = "shakespeare"
-    dataset_config: Optional[str] = None
+class TokComDataArguments(TextSourceArguments):
     # None: the BPE-8192 tokenizer trained on the Shakespeare train split; else a Hub id (e.g.
     # meta-llama/CodeLlama-7b-hf, the seed's) or a local tokenizer folder
     tokenizer: Optional[str] = None
     vocab_size: int = 8192
     seq_len: int = 64
-    max_train_samples: Optional[int] = None
-    max_eval_samples: Optional[int] = None
 
     def __post_init__(self):
+        super().__post_init__()
         if not isinstance(self.seq_len, int) or self.seq_len < 1:
             raise ConfigError(f"data.seq_len={self.seq_len!r} is invalid: expected an int >= 1")
         if not isinstance(self.vocab_size, int) or self.vocab_size < 257:
             raise ConfigError(f"data.vocab_size={self.vocab_size!r} is invalid: expected an int >= 257 (256 bytes + 1 special)")
-        for name in ("max_train_samples", "max_eval_samples"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"data.{name}={value!r} is invalid: expected an int >= 1 or null")
-
-    @property
-    def name_or_path(self) -> Optional[str]:
-        return None if self.dataset == "shakespeare" else self.dataset
 
 
 @dataclass

@@ -3,8 +3,35 @@ Abstractinator)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 from torch.utils.data import Dataset
+
+from ..arguments import ConfigError
+
+
+@dataclass
+class TextSourceArguments:
+    """The `data` section's text source: "shakespeare" (offline, DATA.md section 2), a Hub data set id with a "text"
+    column (online; `dataset_config` names its configuration, e.g. wikitext / wikitext-2-raw-v1) or a local .txt file
+    (the same file for every split); windows capped per split."""
+
+    dataset: str = "shakespeare"
+    dataset_config: Optional[str] = None
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+
+    def __post_init__(self):
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ConfigError(f"data.{name}={value!r} is invalid: expected an int >= 1 or null")
+
+    @property
+    def name_or_path(self) -> Optional[str]:
+        return None if self.dataset == "shakespeare" else self.dataset
 
 
 class TokenWindows(Dataset):
