@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -28,6 +28,8 @@ class ThermalizedRolloutOutput(BaseOutput):
             re-quantization of the thermalized embeddings changed.
         stopped_at (`torch.LongTensor` of shape `(B,)`): the step at which the predicted level exceeded the
             scheduler's `s_max` and the trajectory was stopped, or -1.
+        ended_at (`torch.LongTensor` of shape `(B,)`): the last step of a trajectory that `callback_on_step_end` ended
+            (or that was running when the callback interrupted the rollout), or -1. Its later frames are NaN.
     """
 
     frames: Union[torch.Tensor, np.ndarray]
@@ -36,6 +38,7 @@ class ThermalizedRolloutOutput(BaseOutput):
     fired: torch.Tensor
     requantized_changes: torch.Tensor
     stopped_at: torch.Tensor
+    ended_at: Optional[torch.Tensor] = None
 
 
 class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
@@ -145,6 +148,7 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         num_candidates: int = 1,
         output_type: str = "pt",
         return_dict: bool = True,
+        callback_on_step_end: Optional[Callable] = None,
     ):
         r"""
         Args:
@@ -171,6 +175,14 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                 among its candidates the same way, so the two arms keep the same mechanics.
             output_type (`str`, defaults to `"pt"`): `"pt"` (torch) or `"np"` (numpy) frames.
             return_dict (`bool`, defaults to `True`): return a [`ThermalizedRolloutOutput`] instead of a tuple.
+            callback_on_step_end (`Callable`, *optional*): called after every emulator step as
+                `callback_on_step_end(self, i, t, {"codes": codes, "rows": rows})` (diffusers convention; `t = i + 1`
+                is the number of steps done), with the new code grids `(b, h, w)` of the trajectories still running
+                and their indices `rows` in the batch. A returned dict with `"end"`, a bool tensor `(b,)`, ends those
+                trajectories after this step (`ended_at`; e.g. once a statistic has left its range, so a long
+                evaluation spends nothing on them); setting `self._interrupt = True` ends all of them. The random
+                numbers of the trajectories still running then differ from a rollout without the callback (the
+                emulator draws for the rows it runs).
         """
         check_output_type(output_type, allowed=("pt", "np"))
         if thermalizer_input not in ("sampled", "expected"):
@@ -190,6 +202,8 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         fired = torch.zeros(batch, num_steps, dtype=torch.bool)
         changes = torch.zeros(batch, num_steps, dtype=torch.long)
         stopped_at = torch.full((batch,), -1, dtype=torch.long)
+        ended_at = torch.full((batch,), -1, dtype=torch.long)
+        self._interrupt = False
         # common random numbers: the emulator draws from `generator`, the DDPM steps from a second generator seeded
         # from it once, so the arms (emulator alone, thermalizer, noise control) see the same emulator noise and differ
         # only by what thermalization does to the codes
@@ -249,14 +263,30 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                 current[rows] = new
                 codes[rows, step + 1] = new.view(-1, h, w).cpu()
                 progress_bar.update()
+                if callback_on_step_end is not None and len(rows):
+                    returned = callback_on_step_end(self, step, step + 1, {"codes": new.view(-1, h, w), "rows": rows}) or {}
+                    end = returned.get("end")
+                    if end is not None:
+                        end = torch.as_tensor(end, dtype=torch.bool).cpu()
+                        if end.shape != rows.shape:
+                            raise ValueError(f"callback_on_step_end returned 'end' of shape {tuple(end.shape)}: expected "
+                                             f"{tuple(rows.shape)}, one flag per running trajectory")
+                        ended_at[rows[end]] = step + 1
+                        alive[rows[end]] = False
+                    if self._interrupt:
+                        running = alive.nonzero().flatten()
+                        ended_at[running] = step + 1
+                        alive[running] = False
+                        progress_bar.update(num_steps - step - 1)
+                        break
         frames = self.decode_codes(codes)
         if output_type == "np":
             frames = frames.numpy()
         self.maybe_free_model_hooks()
         if not return_dict:
-            return frames, codes, levels, fired, changes, stopped_at
+            return frames, codes, levels, fired, changes, stopped_at, ended_at
         return ThermalizedRolloutOutput(frames=frames, codes=codes, levels=levels, fired=fired,
-                                        requantized_changes=changes, stopped_at=stopped_at)
+                                        requantized_changes=changes, stopped_at=stopped_at, ended_at=ended_at)
 
 
 __all__ = ["ThermalizedRolloutOutput", "ThermalizedRolloutPipeline"]

@@ -119,8 +119,8 @@ def test_output_type_np_and_tuple_return():
     np.testing.assert_array_equal(arr.frames, pt.frames.numpy())
     assert torch.equal(arr.codes, pt.codes)
     tup = pipe(x, num_steps=2, generator=gen(1), return_dict=False)
-    assert isinstance(tup, tuple) and len(tup) == 6
-    for value, name in zip(tup, ("frames", "codes", "levels", "fired", "requantized_changes", "stopped_at")):
+    assert isinstance(tup, tuple) and len(tup) == 7
+    for value, name in zip(tup, ("frames", "codes", "levels", "fired", "requantized_changes", "stopped_at", "ended_at")):
         assert torch.equal(value, getattr(pt, name)), name
 
 
@@ -254,6 +254,51 @@ def test_stops_of_single_trajectories_keep_the_others_running(monkeypatch):
     assert bool((out.codes[~dead] >= 0).all())
     assert torch.equal(torch.isnan(out.frames).all(-1).all(-1), dead)
     assert bool(torch.isfinite(out.frames[~dead]).all())
+
+
+def test_callback_ends_chosen_trajectories_and_the_rest_run_on():
+    pipe = small_pipe()
+    x = frames(3)
+    seen = []
+
+    def end_row_one_after_step_two(p, i, t, kwargs):
+        assert p is pipe and t == i + 1
+        seen.append((t, kwargs["rows"].tolist(), tuple(kwargs["codes"].shape)))
+        return {"end": kwargs["rows"] == 1} if t == 2 else {}
+
+    out = pipe(x, num_steps=4, generator=gen(0), thermalize=False, callback_on_step_end=end_row_one_after_step_two)
+    assert [s[:2] for s in seen] == [(1, [0, 1, 2]), (2, [0, 1, 2]), (3, [0, 2]), (4, [0, 2])]
+    assert seen[0][2] == (3, 4, 4)
+    assert out.ended_at.tolist() == [-1, 2, -1]
+    assert (out.codes[1, :3] >= 0).all() and (out.codes[1, 3:] == -1).all()
+    assert torch.isnan(out.frames[1, 3:]).all() and torch.isfinite(out.frames[1, :3]).all()
+    assert (out.codes[[0, 2]] >= 0).all() and torch.isfinite(out.frames[[0, 2]]).all()
+    plain = pipe(x, num_steps=4, generator=gen(0), thermalize=False)
+    # up to the end of a trajectory the rollout is the one without a callback
+    assert torch.equal(out.codes[:, :3], plain.codes[:, :3]) and (plain.ended_at == -1).all()
+
+
+def test_callback_interrupt_ends_every_running_trajectory():
+    pipe = small_pipe()
+    calls = []
+
+    def interrupt_at_two(p, i, t, kwargs):
+        calls.append(t)
+        if t == 2:
+            p._interrupt = True
+
+    out = pipe(frames(2), num_steps=5, generator=gen(0), thermalize=False, callback_on_step_end=interrupt_at_two)
+    assert calls == [1, 2]
+    assert out.ended_at.tolist() == [2, 2] and (out.codes[:, 3:] == -1).all() and (out.codes[:, :3] >= 0).all()
+    again = pipe(frames(2), num_steps=2, generator=gen(0), thermalize=False)  # a new call starts uninterrupted
+    assert (again.codes >= 0).all()
+
+
+def test_callback_end_of_the_wrong_shape_is_refused():
+    pipe = small_pipe()
+    with pytest.raises(ValueError, match="one flag per running trajectory"):
+        pipe(frames(2), num_steps=2, generator=gen(0), thermalize=False,
+             callback_on_step_end=lambda p, i, t, kwargs: {"end": torch.zeros(5, dtype=torch.bool)})
 
 
 def test_noise_control_same_firing_different_codes():
