@@ -74,6 +74,10 @@ class AbstractinatorOutput(ModelOutput):
     expander_logits (`tuple` of `(batch, target_len, vocab + 1)`): every level's expander logits.
     expander_labels (`tuple` of `(batch, target_len)`): their targets (-100 where there is none).
     bytes_per_code (`()`): real level-0 symbols per top code over the batch.
+    entropy_logits (`tuple` of `(batch, seq_len, vocab)`): every level's entropy-model (language-model branch)
+        next-symbol logits over that level's input.
+    code_lm_logits (`(batch, num_codes + 2, code_vocab)`, *optional*): the code LM's logits over [BOS] + top codes +
+        [EOS] (when the model has a code LM).
     """
 
     loss: Optional[torch.FloatTensor] = None
@@ -86,6 +90,8 @@ class AbstractinatorOutput(ModelOutput):
     expander_logits: Optional[tuple] = None
     expander_labels: Optional[tuple] = None
     bytes_per_code: Optional[torch.FloatTensor] = None
+    entropy_logits: Optional[tuple] = None
+    code_lm_logits: Optional[torch.FloatTensor] = None
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -629,10 +635,11 @@ class AbstractinatorModel(AbstractinatorPreTrainedModel):
             expander_logits.append(logits)
             expander_labels.append(targets)
         top = compressed[-1]
-        code_lm_loss = None
+        code_lm_loss = code_lm_logits = None
         if self.code_lm is not None:
             lm_ids, lm_mask, lm_labels = self.code_lm_inputs(top.codes.detach(), top.code_mask)
-            code_lm_loss = self.code_lm(input_ids=lm_ids, attention_mask=lm_mask, labels=lm_labels).loss
+            code_lm_out = self.code_lm(input_ids=lm_ids, attention_mask=lm_mask, labels=lm_labels)
+            code_lm_loss, code_lm_logits = code_lm_out.loss, code_lm_out.logits
         reconstruction_loss = torch.stack(recon).mean()
         aux_lm_loss = torch.stack(aux).mean() if aux else reconstruction_loss.new_zeros(())
         commitment_loss = torch.stack([out.commitment_loss for out in compressed]).sum()
@@ -653,6 +660,8 @@ class AbstractinatorModel(AbstractinatorPreTrainedModel):
             expander_logits=tuple(expander_logits),
             expander_labels=tuple(expander_labels),
             bytes_per_code=bytes_per_code,
+            entropy_logits=tuple(out.logits for out in compressed),
+            code_lm_logits=code_lm_logits,
         )
         return output if return_dict else output.to_tuple()
 
@@ -680,10 +689,13 @@ class AbstractinatorModel(AbstractinatorPreTrainedModel):
         )
 
     @torch.no_grad()
-    def causal_bits(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None) -> dict:
+    def causal_bits(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
+                    return_outputs: bool = False) -> dict:
         """Per row: `code_bits` (the top codes with BOS / EOS under the code LM), `expander_bits` (every level's symbols
         and end-of-segment marks under its expander given the codes), `bits` (their sum) and `num_bytes`. The sum is
-        the length of a two-part code of the row that pays for its codes: never the bytes given codes for free."""
+        the length of a two-part code of the row that pays for its codes: never the bytes given codes for free.
+        With `return_outputs`, also `outputs`: the one forward pass it came from ([`AbstractinatorOutput`]: codes,
+        expander and entropy-model logits), so an evaluation needs no second pass."""
         if self.code_lm is None:
             raise ValueError("causal bits need the code language model: this model has use_code_lm=False")
         out = self.forward(input_ids, attention_mask=attention_mask, return_dict=True)
@@ -692,13 +704,14 @@ class AbstractinatorModel(AbstractinatorPreTrainedModel):
         for logits, labels in zip(out.expander_logits, out.expander_labels):
             nll = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")
             expander_bits = expander_bits + nll.sum(1) / ln2
-        lm_ids, lm_mask, lm_labels = self.code_lm_inputs(out.codes[-1], out.code_masks[-1])
-        lm_logits = self.code_lm(input_ids=lm_ids, attention_mask=lm_mask).logits[:, :-1].float()
+        _, _, lm_labels = self.code_lm_inputs(out.codes[-1], out.code_masks[-1])
+        lm_logits = out.code_lm_logits[:, :-1].float()
         code_nll = F.cross_entropy(lm_logits.transpose(1, 2), lm_labels[:, 1:], ignore_index=-100, reduction="none")
         code_bits = code_nll.sum(1) / ln2
         num_bytes = (attention_mask.bool() if attention_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)).sum(1)
-        return {"code_bits": code_bits, "expander_bits": expander_bits, "bits": code_bits + expander_bits,
+        bits = {"code_bits": code_bits, "expander_bits": expander_bits, "bits": code_bits + expander_bits,
                 "num_bytes": num_bytes, "num_codes": out.code_masks[-1].sum(1)}
+        return {**bits, "outputs": out} if return_outputs else bits
 
     @torch.no_grad()
     def decode_codes(self, codes: torch.LongTensor, max_length: Optional[int] = None, do_sample: bool = False,

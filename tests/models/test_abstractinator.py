@@ -175,6 +175,27 @@ def test_causal_bits_parts_and_padding():
     assert abs(nll - bits["code_bits"][0].item()) < 1e-3
 
 
+def test_causal_bits_returns_the_forward_pass_it_came_from():
+    model = get_model().eval()
+    ids, mask = batch(TEXT, TEXT[:17])
+    plain = model.causal_bits(ids, mask)
+    bits = model.causal_bits(ids, mask, return_outputs=True)
+    assert "outputs" not in plain and torch.equal(plain["bits"], bits["bits"])
+    out = bits["outputs"]
+    assert isinstance(out, AbstractinatorOutput)
+    with torch.no_grad():
+        entropy = model.compressors[0](ids, mask.bool()).logits
+    real = mask.bool()
+    assert torch.allclose(out.entropy_logits[0][real], entropy[real], atol=1e-5)
+    for got, codes in zip(out.codes[-1], model.encode(ids, mask)):
+        assert torch.equal(got[got >= 0], codes)
+    # its code LM logits are those of [BOS] + codes + [EOS]
+    lm_ids, lm_mask, _ = model.code_lm_inputs(out.codes[-1], out.code_masks[-1])
+    with torch.no_grad():
+        logits = model.code_lm(input_ids=lm_ids, attention_mask=lm_mask).logits
+    assert torch.allclose(out.code_lm_logits[lm_mask.bool()], logits[lm_mask.bool()], atol=1e-5)
+
+
 def test_causal_bits_needs_the_code_lm():
     model = get_model(use_code_lm=False)
     assert model.code_lm is None
