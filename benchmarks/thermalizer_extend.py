@@ -27,6 +27,12 @@ so it is still the evaluation's, but the thermalizer arm is a new one and cannot
 
     python benchmarks/thermalizer_extend.py --output-dir outputs/thermalizer_kolmogorov_16x16 --steps 2100 \
         --eval-results benchmarks/results/thermalizer_survival_16x16.json --s-floor 30
+
+``--stop-on-exit`` makes a long arm affordable: a rollout ends at the step its statistic leaves the range (the
+pipeline's ``callback_on_step_end``), so the emulator spends nothing on it, and the whole arm ends once its lower
+median is known (more than half of the rollouts have left). The rollouts still in range then have lower bounds for
+survival times (``survival_thermalizer_lower_bounds``), the median is exact, and the interval is left out. The other
+rollouts' random numbers change at the first ended one, so the arm is a new draw, not a repeat of the evaluation's.
 """
 
 from __future__ import annotations
@@ -57,6 +63,40 @@ def late_statistics(task, pipe, output) -> dict:
     }
 
 
+class ExitWatch:
+    """``callback_on_step_end`` of the rollout pipeline for ``--stop-on-exit``: ends each rollout at the step a
+    survival statistic of its decoded frame leaves its range (or a stop at ``s_max`` removed it), and interrupts the
+    arm once more than half have ended, when the lower median of the survival times is known."""
+
+    def __init__(self, ranges: dict, num_rollouts: int):
+        self.ranges = ranges
+        self.running = set(range(num_rollouts))
+        self.exited: set = set()
+        self.needed = (num_rollouts - 1) // 2 + 1  # exits that fix the lower median
+        self.median_known_at = None
+
+    def __call__(self, pipe, i, t, kwargs):
+        from hf_models.metrics.rollout_stability import flow_statistics
+
+        rows = [int(r) for r in kwargs["rows"]]
+        before = set(self.exited)
+        self.exited |= self.running - set(rows)  # stopped at s_max by the pipeline
+        stats = flow_statistics(pipe.decode_codes(kwargs["codes"].cpu()))
+        end = torch.zeros(len(rows), dtype=torch.bool)
+        for name, (low, high) in self.ranges.items():
+            values = stats[name]
+            end |= ~torch.isfinite(values) | (values < low) | (values > high)
+        self.exited |= {r for r, e in zip(rows, end.tolist()) if e}
+        self.running = set(rows) - self.exited
+        if self.exited != before:
+            print(f"step {t}: rollouts {sorted(self.exited - before)} left the range ({len(self.exited)} of "
+                  f"{len(self.exited) + len(self.running)})", flush=True)
+        if len(self.exited) >= self.needed and self.running:
+            self.median_known_at = t
+            pipe._interrupt = True
+        return {"end": end}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="outputs/thermalizer_kolmogorov_16x16",
@@ -68,6 +108,8 @@ def main():
                         help="thermalize with this s_floor instead of the evaluation's (the arm is then not a repeat)")
     parser.add_argument("--candidates", type=int, default=None,
                         help="thermalize with this num_candidates instead of the evaluation's (the arm is then not a repeat)")
+    parser.add_argument("--stop-on-exit", action="store_true",
+                        help="end each rollout when it leaves the range, and the arm once its median is known")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results-name", default="thermalizer_extend", help="the figures go to benchmarks/results/NAME.json")
     parser.add_argument("--results-file", default=None, help="write the figures here instead")
@@ -125,13 +167,21 @@ def main():
         num_candidates = args.candidates
         changed["num_candidates"] = num_candidates
     ranges = task.survival_ranges(pipe)
+    initial = task.rollout_initial_frames()
+    callback = None
+    if args.stop_on_exit:
+        changed["stop_on_exit"] = True
+        callback = ExitWatch(ranges, len(initial))
     start = time.perf_counter()
-    output = pipe(task.rollout_initial_frames(), num_steps=args.steps, thermalize=True, noise_control=False,
+    output = pipe(initial, num_steps=args.steps, thermalize=True, noise_control=False,
                   temperature=ev.temperature, generator=torch.Generator().manual_seed(ev.seed), output_type="pt",
-                  thermalizer_input=ev.thermalizer_input, num_candidates=num_candidates)
+                  thermalizer_input=ev.thermalizer_input, num_candidates=num_candidates, callback_on_step_end=callback)
     seconds = time.perf_counter() - start
     _, per_statistic, survival = task.survival(output, ranges)
     survival = [int(v) for v in survival]
+    # rollouts the arm's interrupt ended while still in range: their survival is a lower bound
+    lower_bounds = [i for i in range(len(survival)) if callback is not None and i not in callback.exited]
+    lower_bounds = [i for i in lower_bounds if int(output.ended_at[i]) >= 0]
     common = min(args.steps, evaluated_steps)
     # a repeat of the evaluation's arm must agree with it; an arm with changed thresholds is a new one
     differ = [] if changed else [i for i, (new, old) in enumerate(zip(survival, thermalizer_saved)) if min(new, common) != min(old, common)]
@@ -143,7 +193,7 @@ def main():
     median_emulator = float(torch.tensor(emulator).float().median())
     median_thermalizer = float(torch.tensor(survival).float().median())
     low = high = None  # resamples would take the emulator's lower bounds for survival times
-    if not emulator_lower_bounds:
+    if not emulator_lower_bounds and not lower_bounds:
         low, high = median_ratio_interval(survival, emulator, cluster_size=ev.rollouts_per_initial_condition)
     result = {
         "benchmark": "thermalizer_extend",
@@ -160,6 +210,8 @@ def main():
         "survival_emulator": emulator,
         "survival_emulator_lower_bounds": emulator_lower_bounds,
         "survival_thermalizer": survival,
+        "survival_thermalizer_lower_bounds": lower_bounds,
+        "steps_rolled_out": int((output.codes >= 0).flatten(2).all(-1).any(0).sum()) - 1,
         "median_survival_emulator": median_emulator,
         "median_survival_thermalizer": median_thermalizer,
         "survived_full_rollout_thermalizer": sum(v >= args.steps for v in survival),
@@ -167,6 +219,7 @@ def main():
         "survival_ratio_ci95_low": low,
         "survival_ratio_ci95_high": high,
         "survival_ratio_capped": median_thermalizer >= args.steps,
+        "median_known_at_step": None if callback is None else callback.median_known_at,
         "fire_rate_thermalizer": float(output.fired.float().mean()),
         "requantized_changes_mean_thermalizer": float(output.requantized_changes.float().mean()),
         **{f"survival_thermalizer_{name}": [int(v) for v in values] for name, values in per_statistic.items()},
@@ -178,6 +231,8 @@ def main():
           + (f"(95 % interval {low:.2f}-{high:.2f})" if low is not None else
              f"(no interval: {emulator_lower_bounds} emulator survivals are lower bounds)")
           + f"; {result['survived_full_rollout_thermalizer']} of {len(survival)} in range at the end"
+          + (f"; the arm ended at step {callback.median_known_at}, when its median was known "
+             f"({len(lower_bounds)} survivals are lower bounds)" if callback is not None and callback.median_known_at else "")
           + (f"; {changed} instead of the evaluation's thresholds: a new arm, not a repeat" if changed else ""))
     write_results(args.results_name, result, args.results_file)
 

@@ -757,3 +757,35 @@ def test_truth_survival_benchmark_continues_the_initial_conditions_with_the_solv
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_truth_survival.py"), "--output-dir", str(tmp_path),
                            "--steps", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "is not a finished run" in proc.stderr
+
+
+def test_extend_benchmark_stop_on_exit_ends_rollouts_where_they_leave_and_the_arm_at_its_median(tiny_run, tmp_path):
+    """--stop-on-exit ends each rollout at the step it leaves the range and the arm once more than half have: up to
+    the first exit it is the evaluation's arm, the median is exact and the rollouts still running are lower bounds."""
+    saved = json.loads((tiny_run / "eval_results.json").read_text())
+    n = saved["rollout_steps"]
+    assert max(saved["survival_emulator"]) < n, saved["survival_emulator"]
+    result_file = tmp_path / "stop_on_exit.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(tiny_run),
+                           "--steps", str(n + 20), "--stop-on-exit", "--results-file", str(result_file)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(result_file.read_text())
+    survival, bounds = result["survival_thermalizer"], result["survival_thermalizer_lower_bounds"]
+    assert result["changed_thresholds"] == ["stop_on_exit"] and result["repeats_the_evaluation"] is False
+    # until the first rollout ends, the arm is the evaluation's (same random numbers)
+    first = min(saved["survival_thermalizer"])
+    assert min(survival) == first
+    assert [i for i, v in enumerate(survival) if v == first] == [i for i, v in enumerate(saved["survival_thermalizer"]) if v == first]
+    ended = sorted(v for i, v in enumerate(survival) if i not in bounds)
+    needed = (len(survival) - 1) // 2 + 1
+    assert len(ended) >= needed
+    assert result["median_survival_thermalizer"] == sorted(survival)[(len(survival) - 1) // 2] == ended[needed - 1]
+    if result["median_known_at_step"] is not None:
+        # the arm stopped at the exit that fixed the median; the others were still in range there
+        assert result["median_known_at_step"] == ended[needed - 1] + 1 == result["steps_rolled_out"]
+        assert bounds and all(survival[i] == result["median_known_at_step"] for i in bounds)
+        assert result["survival_ratio_ci95_low"] is None and "lower bounds" in proc.stdout
+    else:
+        assert not bounds
+    assert "left the range" in proc.stdout
