@@ -151,8 +151,9 @@ class AbstractinatorTask(Task):
         ev = self.eval_args
         model.eval()
         test = self.windows("test")
-        results = bits_metrics(model, batches(test, model.device), test.shape[1])
-        results.update(code_metrics(model, test))
+        tally = CodeTally(model.config)
+        results = bits_metrics(model, batches(test, model.device), test.shape[1], tally=tally)
+        results.update(tally.results())
         results.update(compressor_bits_per_byte(bytes(test.flatten().tolist())))
         recon = greedy_reconstructions(model, test[: ev.num_reconstructions])
         results.update(recon["metrics"])
@@ -189,25 +190,61 @@ class AbstractinatorTask(Task):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def bits_rows(model, ids) -> dict:
+def next_symbol_bits(logits: torch.Tensor, ids: torch.LongTensor) -> torch.Tensor:
+    """Per row, the bits of symbols 2..L under next-symbol `logits` `(B, L, V)` (each predicted from the ones before)."""
+    nll = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
+    return nll.view(len(ids), -1).sum(1) / LN2
+
+
+class CodeTally:
+    """Per level, over the forward outputs it is given: the codes' histogram (share of the codebook used, perplexity)
+    and the expander's teacher-forced accuracy (symbols and end-of-segment marks)."""
+
+    def __init__(self, config):
+        self.counts = [torch.zeros(c["codebook_size"], dtype=torch.long) for c in config.compressor_level_configs]
+        self.correct = [0] * config.num_levels
+        self.total = [0] * config.num_levels
+
+    def add(self, out) -> None:
+        for level, (codes, mask) in enumerate(zip(out.codes, out.code_masks)):
+            self.counts[level] += torch.bincount(codes[mask].cpu(), minlength=len(self.counts[level]))
+            logits, labels = out.expander_logits[level], out.expander_labels[level]
+            real = labels != -100
+            self.correct[level] += int((logits.argmax(-1)[real] == labels[real]).sum())
+            self.total[level] += int(real.sum())
+
+    def results(self) -> dict:
+        results = {}
+        for level, count in enumerate(self.counts):
+            p = count.double() / count.sum().clamp(min=1)
+            nz = p[p > 0]
+            suffix = "" if level == 0 else f"_level{level}"
+            results[f"codebook_usage{suffix}"] = float((count > 0).double().mean())
+            results[f"code_perplexity{suffix}"] = float(torch.exp(-(nz * nz.log()).sum()))
+            results[f"teacher_forced_accuracy{suffix}"] = self.correct[level] / max(self.total[level], 1)
+        return results
+
+
+def bits_rows(model, ids, tally: Optional[CodeTally] = None) -> dict:
     """Per-row causal bits (code part, expander part) over the row's bytes, and the level-0 entropy model's bits for
-    bytes 2..L (it predicts each byte from the ones before it)."""
-    bits = model.causal_bits(ids)
-    logits = model.compressors[0](ids, torch.ones_like(ids, dtype=torch.bool)).logits.float()
-    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="none").view(len(ids), -1).sum(1)
+    bytes 2..L, all from one forward pass (which `tally`, if given, also counts)."""
+    bits = model.causal_bits(ids, return_outputs=True)
+    out = bits["outputs"]
+    if tally is not None:
+        tally.add(out)
     length = ids.shape[1]
     return {
         "bits_per_byte": (bits["bits"], length),
         "code_bits_per_byte": (bits["code_bits"], length),
         "expander_bits_per_byte": (bits["expander_bits"], length),
-        "entropy_model_bits_per_byte": (nll / LN2, length - 1),
+        "entropy_model_bits_per_byte": (next_symbol_bits(out.entropy_logits[0], ids), length - 1),
         "codes_per_window": (bits["num_codes"].float(), 1),
     }
 
 
-def bits_metrics(model, batches, seq_len: int, gather=None) -> dict:
+def bits_metrics(model, batches, seq_len: int, gather=None, tally: Optional[CodeTally] = None) -> dict:
     """`bits_rows` averaged over batches of `seq_len`-byte windows, and bytes per top code."""
-    means = batch_means(batches, lambda ids: bits_rows(model, ids), gather)
+    means = batch_means(batches, lambda ids: bits_rows(model, ids, tally), gather)
     means["bytes_per_code"] = seq_len / means.pop("codes_per_window")
     return means
 
@@ -217,36 +254,9 @@ def entropy_model_bits(model, samples: list) -> float:
     total, count = 0.0, 0
     for sample in samples:
         ids = torch.tensor([list(sample)], dtype=torch.long, device=model.device)
-        logits = model.compressors[0](ids, torch.ones_like(ids, dtype=torch.bool)).logits.float()
-        total += F.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="sum").item() / LN2
+        total += next_symbol_bits(model.compressors[0](ids, torch.ones_like(ids, dtype=torch.bool)).logits, ids).item()
         count += ids.shape[1] - 1
     return total / count
-
-
-@torch.no_grad()
-def code_metrics(model, windows: torch.Tensor) -> dict:
-    """Per level: share of the codebook used on the windows, perplexity of the code histogram, and teacher-forced
-    accuracy of the expander (symbols and end-of-segment marks)."""
-    counts = [torch.zeros(c["codebook_size"], dtype=torch.long) for c in model.config.compressor_level_configs]
-    correct = [0] * model.config.num_levels
-    total = [0] * model.config.num_levels
-    for ids in batches(windows, model.device):
-        out = model(ids, return_dict=True)
-        for level, (codes, mask) in enumerate(zip(out.codes, out.code_masks)):
-            counts[level] += torch.bincount(codes[mask].cpu(), minlength=len(counts[level]))
-            logits, labels = out.expander_logits[level], out.expander_labels[level]
-            real = labels != -100
-            correct[level] += int((logits.argmax(-1)[real] == labels[real]).sum())
-            total[level] += int(real.sum())
-    results = {}
-    for level, count in enumerate(counts):
-        p = count.double() / count.sum().clamp(min=1)
-        nz = p[p > 0]
-        suffix = "" if level == 0 else f"_level{level}"
-        results[f"codebook_usage{suffix}"] = float((count > 0).double().mean())
-        results[f"code_perplexity{suffix}"] = float(torch.exp(-(nz * nz.log()).sum()))
-        results[f"teacher_forced_accuracy{suffix}"] = correct[level] / max(total[level], 1)
-    return results
 
 
 def edit_distance(a: list, b: list) -> int:

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from ..arguments import ConfigError, check_config_kwargs, check_section
 from .base import Stage, StepOutput, Task
 from .mnist_data import MNISTDataArguments
+from .windows import TokenWindows
 
 
 @dataclass
@@ -55,19 +56,6 @@ class ImageDataset(Dataset):
     def __getitem__(self, i):
         x = self.images[i].float().div(127.5).sub(1.0).unsqueeze(0)
         return {"pixel_values": x, "labels": self.labels[i], "index": i}
-
-
-class CodeSequenceTorchDataset(Dataset):
-    """Fixed-length ``[class][BOS] codes [EOS]`` sequences held as one LongTensor."""
-
-    def __init__(self, input_ids: torch.Tensor):
-        self.input_ids = input_ids
-
-    def __len__(self):
-        return len(self.input_ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.input_ids[i], "index": i}
 
 
 def _to_uint8_grid(images: torch.Tensor, nrow: int):
@@ -333,7 +321,7 @@ class CodeGPTStage(Stage):
         for split in ("train", "test"):
             codes, labels = self._codes(split)
             ds = build_code_sequences(codes, labels, self.task.gpt_config)
-            out.append(CodeSequenceTorchDataset(torch.tensor(ds["input_ids"], dtype=torch.long)))
+            out.append(TokenWindows(torch.tensor(ds["input_ids"], dtype=torch.long)))
         return out[0], out[1]
 
     def compute_loss(self, model, batch, generator):
