@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaForCausalLM, PreTrainedModel, Qwen2Config
+from transformers import DynamicCache, LlamaForCausalLM, PreTrainedModel, Qwen2Config
 from transformers import initialization as init
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2DecoderLayer,
@@ -318,15 +318,23 @@ class AbstractinatorCrossAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, hidden, bias=False)
         self.o_proj = nn.Linear(hidden, hidden, bias=False)
 
-    def forward(self, hidden_states, memory, query_rotary, key_rotary, attention_mask):
+    def memory_kv(self, memory, key_rotary):
+        """Keys (rotated to their segments) and values of the codes `(batch, heads, num_codes, head_dim)`: the same at
+        every decoding step, so generation computes them once."""
+        batch, length, dim = memory.shape
+        head_dim = dim // self.heads
+        k = self.k_proj(memory).reshape(batch, length, self.heads, head_dim).transpose(1, 2)
+        v = self.v_proj(memory).reshape(batch, length, self.heads, head_dim).transpose(1, 2)
+        kc, ks = key_rotary
+        return k * kc[:, None] + rotate_half(k) * ks[:, None], v
+
+    def forward(self, hidden_states, memory, query_rotary, key_rotary, attention_mask, memory_kv=None):
         batch, length, dim = hidden_states.shape
         head_dim = dim // self.heads
         q = self.q_proj(hidden_states).reshape(batch, length, self.heads, head_dim).transpose(1, 2)
-        k = self.k_proj(memory).reshape(batch, memory.shape[1], self.heads, head_dim).transpose(1, 2)
-        v = self.v_proj(memory).reshape(batch, memory.shape[1], self.heads, head_dim).transpose(1, 2)
-        (qc, qs), (kc, ks) = query_rotary, key_rotary
+        k, v = memory_kv if memory_kv is not None else self.memory_kv(memory, key_rotary)
+        qc, qs = query_rotary
         q = q * qc[:, None] + rotate_half(q) * qs[:, None]
-        k = k * kc[:, None] + rotate_half(k) * ks[:, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, dim))
 
@@ -342,10 +350,14 @@ class AbstractinatorDecoderLayer(nn.Module):
         self.mlp_norm = Qwen2RMSNorm(backbone.hidden_size, eps=backbone.rms_norm_eps)
         self.mlp = Qwen2MLP(backbone)
 
-    def forward(self, hidden_states, self_mask, position_embeddings, memory, query_rotary, key_rotary, cross_mask):
-        hidden_states = self.self_block(hidden_states, attention_mask=self_mask, position_embeddings=position_embeddings)
+    def forward(self, hidden_states, self_mask, position_embeddings, memory, query_rotary, key_rotary, cross_mask,
+                past_key_values=None, memory_kv=None):
+        """`past_key_values` (a transformers `Cache`) holds the self-attention keys and values of earlier positions
+        (incremental decoding); `memory_kv` the cross-attention's precomputed code keys and values."""
+        hidden_states = self.self_block(hidden_states, attention_mask=self_mask, position_embeddings=position_embeddings,
+                                        past_key_values=past_key_values)
         hidden_states = hidden_states + self.cross_attn(self.cross_norm(hidden_states), memory, query_rotary,
-                                                        key_rotary, cross_mask)
+                                                        key_rotary, cross_mask, memory_kv=memory_kv)
         return hidden_states + self.mlp(self.mlp_norm(hidden_states))
 
 
@@ -421,6 +433,20 @@ class AbstractinatorCodeExpander(nn.Module):
             h = layer(h, self_mask, pe, memory, query_rotary, key_rotary, allowed[:, None])
         return self.lm_head(self.decoder_norm(h))
 
+    def decode_step(self, memory_kv, code_mask, tokens, position: int, segments, cache):
+        """Logits `(batch, vocab + 1)` of the symbol after `tokens` `(batch,)`, the decoder input at `position`, which
+        writes segment `segments` `(batch,)`: `decode`'s last position, with the earlier positions' self-attention
+        keys and values in `cache` (a `DynamicCache` this call extends) and the codes' in `memory_kv` (per layer)."""
+        h = self.embed_tokens(tokens[:, None])
+        pe = self.rotary_emb(h, torch.full((1, 1), position, dtype=torch.long, device=h.device))
+        code_segments = torch.arange(code_mask.shape[1], device=h.device) // self.num_queries
+        allowed = (code_segments[None, None, :] <= segments[:, None, None]) & code_mask[:, None, :]
+        allowed[:, :, 0] |= ~allowed.any(-1)
+        query_rotary = self.rotary_emb(h, segments[:, None])
+        for layer, kv in zip(self.decoder_layers, memory_kv):
+            h = layer(h, None, pe, None, query_rotary, None, allowed[:, None], past_key_values=cache, memory_kv=kv)
+        return self.lm_head(self.decoder_norm(h))[:, -1]
+
     def forward(self, code_vectors, code_mask, labels, target_segments):
         memory = self.encode(code_vectors, code_mask)
         decoder_input = torch.cat([torch.full_like(labels[:, :1], self.start), labels[:, :-1]], dim=1)
@@ -430,13 +456,22 @@ class AbstractinatorCodeExpander(nn.Module):
     @torch.no_grad()
     def generate(self, code_vectors, code_mask, max_length: int, allowed_symbols: Optional[torch.Tensor] = None,
                  do_sample: bool = False, temperature: float = 1.0, generator: Optional[torch.Generator] = None,
-                 count_segments: int = 0):
+                 count_segments: int = 0, use_cache: bool = True):
         """Symbols of every row, segment by segment, until a row has ended as many segments as it has, or
         `max_length`. Returns a list of 1-D tensors (end-of-segment marks removed) and, per row, how many of those
-        symbols belong to the first `count_segments` segments."""
+        symbols belong to the first `count_segments` segments. With `use_cache` (the default) each step runs the
+        decoder on the new symbol alone, with a transformers `DynamicCache` for the self-attention and the codes'
+        cross-attention keys computed once; without it, every step re-runs `decode` over the whole prefix (the same
+        logits up to rounding)."""
         batch = code_vectors.shape[0]
         memory = self.encode(code_vectors, code_mask)
         wanted = code_mask.sum(1) // self.num_queries
+        cache = memory_kv = None
+        if use_cache:
+            cache = DynamicCache()
+            code_segments = (torch.arange(memory.shape[1], device=memory.device) // self.num_queries)[None]
+            key_rotary = self.rotary_emb(memory, code_segments.expand(batch, -1))
+            memory_kv = [layer.cross_attn.memory_kv(memory, key_rotary) for layer in self.decoder_layers]
         inputs = torch.full((batch, 1), self.start, dtype=torch.long, device=memory.device)
         ended = torch.zeros(batch, dtype=torch.long, device=memory.device)
         written = [[] for _ in range(batch)]
@@ -445,10 +480,14 @@ class AbstractinatorCodeExpander(nn.Module):
             done = ended >= wanted
             if bool(done.all()):
                 break
-            segments = (inputs[:, 1:] == self.end_of_segment).long().cumsum(1)
-            segments = torch.cat([torch.zeros_like(inputs[:, :1]), segments], dim=1)
-            segments = torch.minimum(segments, (wanted - 1).clamp(min=0)[:, None])
-            logits = self.decode(memory, code_mask, inputs, segments)[:, -1].float()
+            if use_cache:
+                segment = torch.minimum((inputs[:, 1:] == self.end_of_segment).sum(1), (wanted - 1).clamp(min=0))
+                logits = self.decode_step(memory_kv, code_mask, inputs[:, -1], inputs.shape[1] - 1, segment, cache).float()
+            else:
+                segments = (inputs[:, 1:] == self.end_of_segment).long().cumsum(1)
+                segments = torch.cat([torch.zeros_like(inputs[:, :1]), segments], dim=1)
+                segments = torch.minimum(segments, (wanted - 1).clamp(min=0)[:, None])
+                logits = self.decode(memory, code_mask, inputs, segments)[:, -1].float()
             if allowed_symbols is not None:
                 logits = logits.masked_fill(~allowed_symbols, float("-inf"))
             if do_sample:

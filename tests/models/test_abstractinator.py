@@ -251,6 +251,27 @@ def test_two_levels_and_two_queries():
     assert symbols.dtype == torch.long and bool(((symbols >= 0) & (symbols < 256)).all())
 
 
+def test_expander_kv_cache_writes_what_the_full_recompute_writes():
+    """The expander's cached decoding (DynamicCache + code keys computed once) gives the symbols of re-running the
+    decoder over the whole prefix at every step: greedy and sampled, rows of different lengths, several levels."""
+    two_layers = {**LEVEL, "expander_num_decoder_layers": 2}
+    model = get_model(levels=[two_layers, {**two_layers, "num_queries": 2, "max_segment_length": 3}]).eval()
+    ids, mask = batch(TEXT, TEXT[:20])
+    with torch.no_grad():
+        out = model(ids, mask, return_dict=True)
+    for level, (codes, code_mask) in enumerate(zip(out.codes, out.code_masks)):
+        expander = model.expanders[level]
+        vectors = model.compressors[level].quantizer.lookup(codes.clamp(min=0))
+        cached = expander.generate(vectors, code_mask, 120, use_cache=True)
+        full = expander.generate(vectors, code_mask, 120, use_cache=False)
+        assert [r.tolist() for r in cached[0]] == [r.tolist() for r in full[0]] and cached[1] == full[1]
+        draws = [expander.generate(vectors, code_mask, 120, do_sample=True, temperature=1.5,
+                                   generator=torch.Generator().manual_seed(7), use_cache=use_cache)
+                 for use_cache in (True, False)]
+        assert [r.tolist() for r in draws[0][0]] == [r.tolist() for r in draws[1][0]]
+        assert any(len(r) for r in draws[0][0])
+
+
 def test_generate_bytes_repeats_with_a_seed_and_checks_input():
     model = get_model().eval()
     torch.manual_seed(3)
