@@ -43,18 +43,30 @@ class _ProgressLogitsProcessor(LogitsProcessor):
         return scores
 
 
+def multinomial_draw(probs: torch.Tensor, generator=None) -> torch.LongTensor:
+    """One draw per row `(B, 1)` from `probs` `(B, V)`. `generator` is one `torch.Generator` for the batch or, as in
+    diffusers pipelines, a list with one per row: then each row draws from its own, so a row's draws do not depend
+    on which other rows are in the batch."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != len(probs):
+            raise ValueError(f"got a list of {len(generator)} generators for a batch of {len(probs)}: expected one per row")
+        return torch.cat([torch.multinomial(probs[i: i + 1].to(g.device), 1, generator=g).to(probs.device)
+                          for i, g in enumerate(generator)])
+    device = generator.device if generator is not None else probs.device
+    return torch.multinomial(probs.to(device), 1, generator=generator).to(probs.device)
+
+
 class CodeGPTMultinomialLogitsProcessor(LogitsProcessor):
     """Draws one token per row from `softmax(scores)` with the caller's `generator` and returns scores that are
     -inf everywhere except the drawn token, so greedy decoding (`do_sample=False`) emits exactly that token. All the
     randomness of `generate_codes` therefore comes from `generator`, while `generate()` keeps the KV cache."""
 
-    def __init__(self, generator: Optional[torch.Generator] = None):
+    def __init__(self, generator=None):
         self.generator = generator
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(scores.float(), dim=-1)  # (B, V)
-        device = self.generator.device if self.generator is not None else probs.device
-        drawn = torch.multinomial(probs.to(device), 1, generator=self.generator).to(scores.device)  # (B, 1)
+        drawn = multinomial_draw(probs, self.generator).to(scores.device)  # (B, 1)
         out = torch.full_like(scores, -float("inf"))
         return out.scatter_(1, drawn, 0.0)
 
@@ -303,7 +315,11 @@ class CodeGPTForCausalLM(LlamaForCausalLM):
         probs = CodeGPTForCausalLM.frame_probabilities(logits, temperature)
         if temperature == 0:
             return probs.argmax(-1)
-        draws = torch.multinomial(probs.flatten(0, 1).cpu(), 1, generator=generator).view(logits.shape[:2])
+        if isinstance(generator, (list, tuple)):  # one generator per frame: its codes draw from it
+            if len(generator) != len(probs):
+                raise ValueError(f"got a list of {len(generator)} generators for {len(probs)} frames: expected one per frame")
+            generator = [g for g in generator for _ in range(probs.shape[1])]
+        draws = multinomial_draw(probs.flatten(0, 1).cpu(), generator).view(logits.shape[:2])
         return draws.to(logits.device)
 
     def _generate_chunk(self, context, new, temperature, top_k, top_p, guidance_scale, generator, use_cache,

@@ -142,7 +142,7 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         thermalize: bool = True,
         noise_control: bool = False,
         temperature: float = 1.0,
-        generator: Optional[torch.Generator] = None,
+        generator: Optional[Union[torch.Generator, list]] = None,
         track_levels: bool = True,
         thermalizer_input: str = "sampled",
         num_candidates: int = 1,
@@ -161,9 +161,13 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                 classifier decisions and DDPM steps, but the predicted noise is replaced by Gaussian noise, so any gain
                 that is left comes from the perturbation and re-quantization rather than from the learned denoiser.
             temperature (`float`, defaults to 1.0): emulator sampling temperature (0 = argmax).
-            generator (`torch.Generator`, *optional*): the only source of randomness. The emulator samples from it; the
-                DDPM noise of thermalization comes from a second generator seeded from it once at the start, so with
-                the same seed every arm sees the same emulator draws (common random numbers).
+            generator (`torch.Generator` or `List[torch.Generator]`, *optional*): the only source of randomness. The
+                emulator samples from it; the DDPM noise of thermalization comes from a second generator seeded from it
+                once at the start, so with the same seed every arm sees the same emulator draws (common random
+                numbers). A list (diffusers' convention) holds one generator per trajectory: each trajectory then
+                draws from its own two streams, so its random numbers do not depend on which other trajectories are
+                still running (a stop at `s_max` or a callback's end leaves the others' draws unchanged), and the arms
+                share them trajectory by trajectory.
             track_levels (`bool`, defaults to `True`): record the classifier's level also when not thermalizing.
             thermalizer_input (`str`, defaults to `"sampled"`): what the thermalizer sees: `"sampled"`, the codebook
                 vectors of the sampled codes (the original system's embedding lookup), or `"expected"`, the emulator's
@@ -180,9 +184,9 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                 is the number of steps done), with the new code grids `(b, h, w)` of the trajectories still running
                 and their indices `rows` in the batch. A returned dict with `"end"`, a bool tensor `(b,)`, ends those
                 trajectories after this step (`ended_at`; e.g. once a statistic has left its range, so a long
-                evaluation spends nothing on them); setting `self._interrupt = True` ends all of them. The random
-                numbers of the trajectories still running then differ from a rollout without the callback (the
-                emulator draws for the rows it runs).
+                evaluation spends nothing on them); setting `self._interrupt = True` ends all of them. With one
+                `generator` the random numbers of the trajectories still running then differ from a rollout without
+                the callback (the emulator draws for the rows it runs); with one generator per trajectory they do not.
         """
         check_output_type(output_type, allowed=("pt", "np"))
         if thermalizer_input not in ("sampled", "expected"):
@@ -208,9 +212,19 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         # from it once, so the arms (emulator alone, thermalizer, noise control) see the same emulator noise and differ
         # only by what thermalization does to the codes
         noise_generator = None
-        if generator is not None:
+        per_row = isinstance(generator, (list, tuple))
+        if per_row:
+            if len(generator) != batch:
+                raise ValueError(f"got a list of {len(generator)} generators for {batch} initial frames: expected one "
+                                 "per trajectory")
+            noise_generator = [torch.Generator(device=g.device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=g)))
+                               for g in generator]
+        elif generator is not None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             noise_generator = torch.Generator(device=generator.device).manual_seed(seed)
+
+        def rows_generator(source, rows, repeat: int = 1):  # per-row generators follow their trajectories
+            return [source[int(r)] for r in rows for _ in range(repeat)] if per_row else source
         current = codes0.flatten(1).to(self.emulator.device)
         alive = torch.ones(batch, dtype=torch.bool)
         with self.progress_bar(total=num_steps) as progress_bar:
@@ -221,7 +235,7 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                     break
                 # the logits of the drawn codes (autoregressive decoding: each given the codes drawn before it)
                 # only where the expected embedding needs them
-                drawn = self.emulator.sample_next_frame(current[rows], temperature, generator,
+                drawn = self.emulator.sample_next_frame(current[rows], temperature, rows_generator(generator, rows),
                                                         return_logits=thermalizer_input == "expected")
                 new, logits = drawn if thermalizer_input == "expected" else (drawn, None)
                 if thermalize or track_levels:
@@ -238,7 +252,8 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                     levels[rows, step] = level.cpu()
                 if thermalize:
                     out = self.scheduler.thermalize(self.thermalizer, sample.repeat_interleave(num_candidates, 0),
-                                                    generator=noise_generator, levels=level.repeat_interleave(num_candidates),
+                                                    generator=rows_generator(noise_generator, rows, num_candidates),
+                                                    levels=level.repeat_interleave(num_candidates),
                                                     noise_control=noise_control)
                     requantized = self.vq_tokenizer.quantize(
                         self.thermalizer.denormalize(out.sample).to(self.vq_tokenizer.device)

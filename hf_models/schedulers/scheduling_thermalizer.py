@@ -233,7 +233,8 @@ class ThermalizerScheduler(DDPMScheduler):
             model (`Callable`): `model(x)` returns an object with `.noise_pred` (the shape of `x`) and `.level_logits`
                 `(batch, num_train_timesteps)` (a `ThermalizerModel`); a plain tensor is taken as `noise_pred`.
             sample (`torch.FloatTensor` of shape `(batch, C, H, W)`): the states; not modified.
-            generator (`torch.Generator`, *optional*): the only source of randomness.
+            generator (`torch.Generator` or `List[torch.Generator]`, *optional*): the only source of randomness; a list
+                gives each item its own (diffusers' convention), so an item's noise does not depend on the others.
             levels (`torch.LongTensor` of shape `(batch,)`, *optional*): noise levels of the items; by default
                 `model(sample).level_logits.argmax(-1)`.
             noise_control (`bool`, defaults to `False`): the noise-only control arm. Same levels, firing decisions
@@ -246,6 +247,12 @@ class ThermalizerScheduler(DDPMScheduler):
         if sample.ndim < 2:
             raise ValueError(f"sample has shape {tuple(sample.shape)}: expected (batch, C, H, W)")
         B = sample.shape[0]
+        if isinstance(generator, (list, tuple)) and len(generator) != B:
+            raise ValueError(f"got a list of {len(generator)} generators for a batch of {B}: expected one per item")
+
+        def rows_generator(rows):  # a sub-batch draws from its own items' generators
+            return [generator[int(i)] for i in rows] if isinstance(generator, (list, tuple)) else generator
+
         num_model_calls = 0
         if levels is None:
             levels = model(sample).level_logits.argmax(-1)
@@ -261,7 +268,7 @@ class ThermalizerScheduler(DDPMScheduler):
         x = sample.clone()
         if cfg.renoise and bool(fired.any()):
             rows = fired.nonzero().flatten()
-            noise = randn_tensor(x[rows].shape, generator=generator, device=x.device, dtype=x.dtype)
+            noise = randn_tensor(x[rows].shape, generator=rows_generator(rows), device=x.device, dtype=x.dtype)
             x[rows] = self.add_noise(x[rows], noise, start_levels[rows]).to(x.dtype)
         if bool(fired.any()) and (cfg.num_denoising_steps is not None or cfg.eta is not None):
             rows_all = fired.nonzero().flatten()
@@ -276,13 +283,13 @@ class ThermalizerScheduler(DDPMScheduler):
                 if not bool(act.any()):
                     continue
                 rows = rows_all[act]
-                x_t = x[rows]
+                x_t, gen = x[rows], rows_generator(rows)
                 if noise_control:
-                    eps = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+                    eps = randn_tensor(x_t.shape, generator=gen, device=x_t.device, dtype=x_t.dtype)
                 else:
                     eps = self._noise_pred(model(x_t))
                     num_model_calls += 1
-                x[rows] = self.step_between(eps, t[act], prev[act], x_t, generator=generator).to(x.dtype)
+                x[rows] = self.step_between(eps, t[act], prev[act], x_t, generator=gen).to(x.dtype)
         elif bool(fired.any()):
             top = int(start_levels[fired].max())
             saved = self.num_inference_steps, self.custom_timesteps
@@ -291,9 +298,9 @@ class ThermalizerScheduler(DDPMScheduler):
             try:
                 for t in range(top, cfg.s_stop, -1):
                     active = fired & (start_levels >= t)
-                    x_t = x[active]
+                    x_t, gen = x[active], rows_generator(active.nonzero().flatten())
                     if noise_control:
-                        eps = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+                        eps = randn_tensor(x_t.shape, generator=gen, device=x_t.device, dtype=x_t.dtype)
                     else:
                         eps = self._noise_pred(model(x_t))
                         num_model_calls += 1
@@ -302,7 +309,7 @@ class ThermalizerScheduler(DDPMScheduler):
                                 f"model returned noise_pred of shape {tuple(eps.shape)} for input of shape "
                                 f"{tuple(x_t.shape)}: expected the same shape"
                             )
-                    x[active] = self.step(eps, t, x_t, generator=generator).prev_sample.to(x.dtype)
+                    x[active] = self.step(eps, t, x_t, generator=gen).prev_sample.to(x.dtype)
             finally:
                 self.num_inference_steps, self.custom_timesteps = saved
         if not return_dict:

@@ -421,6 +421,18 @@ def test_parallel_frame_decoding_draws_each_code_from_its_own_softmax():
     assert torch.equal(drawn, expected)
 
 
+@pytest.mark.parametrize("frame_decoding", ["parallel", "autoregressive"])
+def test_one_generator_per_frame_draws_each_frame_from_its_own(frame_decoding):
+    model = emulator(frame_decoding)
+    current = frame_codes(model.config, batch=2, seed=4)
+    together = model.sample_next_frame(current, generator=[torch.Generator().manual_seed(5), torch.Generator().manual_seed(6)])
+    for i, seed in enumerate((5, 6)):
+        alone = model.sample_next_frame(current[i: i + 1], generator=[torch.Generator().manual_seed(seed)])
+        assert torch.equal(alone[0], together[i])
+    with pytest.raises(ValueError, match="expected one per"):
+        model.sample_next_frame(current, generator=[torch.Generator()])
+
+
 def test_frame_decoding_input_errors():
     parallel, autoregressive = emulator("parallel"), emulator("autoregressive")
     current = frame_codes(parallel.config)

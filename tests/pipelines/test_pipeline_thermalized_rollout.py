@@ -278,6 +278,30 @@ def test_callback_ends_chosen_trajectories_and_the_rest_run_on():
     assert torch.equal(out.codes[:, :3], plain.codes[:, :3]) and (plain.ended_at == -1).all()
 
 
+@pytest.mark.parametrize("frame_decoding", ["parallel", "autoregressive"])
+@pytest.mark.parametrize("num_candidates", [1, 2])
+def test_one_generator_per_trajectory_makes_each_trajectory_its_own_rollout(frame_decoding, num_candidates):
+    """With a list of generators (diffusers' convention) a trajectory's rollout (emulator draws and thermalization
+    noise) is the one it has alone with its generator, whatever else is in the batch or stops beside it."""
+    pipe = small_pipe(frame_decoding=frame_decoding)
+    force_level(pipe, S_INIT + 2)  # every step fires: the DDPM noise is drawn every step
+    x = frames(3)
+    together = pipe(x, num_steps=3, generator=[gen(10), gen(11), gen(12)], num_candidates=num_candidates)
+    assert together.fired.all()
+    for i in range(3):
+        alone = pipe(x[i: i + 1], num_steps=3, generator=[gen(10 + i)], num_candidates=num_candidates)
+        assert torch.equal(alone.codes[0], together.codes[i]), i
+    # the same seeds in another order follow their trajectories
+    swapped = pipe(x[[2, 0, 1]], num_steps=3, generator=[gen(12), gen(10), gen(11)], num_candidates=num_candidates)
+    assert torch.equal(swapped.codes, together.codes[[2, 0, 1]])
+    # a trajectory ended by a callback leaves the others' draws unchanged
+    ended = pipe(x, num_steps=3, generator=[gen(10), gen(11), gen(12)], num_candidates=num_candidates,
+                 callback_on_step_end=lambda p, i, t, kwargs: {"end": kwargs["rows"] == 0})
+    assert ended.ended_at.tolist() == [1, -1, -1] and torch.equal(ended.codes[1:], together.codes[1:])
+    with pytest.raises(ValueError, match="one per trajectory"):
+        pipe(x, num_steps=1, generator=[gen(0), gen(1)])
+
+
 def test_callback_interrupt_ends_every_running_trajectory():
     pipe = small_pipe()
     calls = []

@@ -328,6 +328,27 @@ def test_same_seed_same_output_different_seed_differs(noise_control):
     assert torch.equal(out.sample, again.sample)
 
 
+@pytest.mark.parametrize("settings", [{}, {"num_denoising_steps": 4}, {"renoise": True}, {"eta": 0.5}])
+@pytest.mark.parametrize("noise_control", [False, True])
+def test_one_generator_per_item_gives_each_item_its_own_noise(settings, noise_control):
+    """With a list of generators each item's thermalization is the one it gets alone with its generator, whichever
+    other items fire beside it (diffusers' per-item generator convention)."""
+    scheduler = ThermalizerScheduler(**settings)
+    model = TinyDenoiser().double()  # float64: a sub-batch's convolution rounds as the full batch's
+    sample = torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    levels = torch.tensor([40, 12, 5, 25])  # s_init 10 by default: item 2 does not fire
+    seeds = [20, 21, 22, 23]
+    together = scheduler.thermalize(model, sample, generator=[torch.Generator().manual_seed(k) for k in seeds],
+                                    levels=levels, noise_control=noise_control).sample
+    for i in range(4):
+        alone = scheduler.thermalize(model, sample[i: i + 1], generator=[torch.Generator().manual_seed(seeds[i])],
+                                     levels=levels[i: i + 1], noise_control=noise_control).sample
+        assert torch.allclose(alone[0], together[i], atol=1e-10), i
+    assert torch.equal(together[2], sample[2])
+    with pytest.raises(ValueError, match="one per item"):
+        scheduler.thermalize(model, sample, generator=[torch.Generator()], levels=levels)
+
+
 class GridOracle(torch.nn.Module):
     """The Gaussian oracle for strided thermalization: it is told the level sequence it will be called at."""
 

@@ -789,3 +789,39 @@ def test_extend_benchmark_stop_on_exit_ends_rollouts_where_they_leave_and_the_ar
     else:
         assert not bounds
     assert "left the range" in proc.stdout
+
+
+def test_extend_benchmark_with_one_generator_per_rollout_repeats_the_evaluation_with_stop_on_exit(tiny_run, tmp_path):
+    """With evaluation.generator_per_rollout each rollout draws from its own stream, so ending rollouts where they
+    leave the range does not change the others: --stop-on-exit then repeats the evaluation's arm (the script checks
+    every survival time against it)."""
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("checkpoints"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["evaluation"]["generator_per_rollout"] = True
+    config["training"]["output_dir"] = str(run)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    proc = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(run), "--evaluation.truth_arm", "false", "--write"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.loads((run / "eval_results.json").read_text())
+    old = json.loads((tiny_run / "eval_results.json").read_text())
+    assert saved["evaluation/generator_per_rollout"] is True
+    # other random numbers than the batch stream's (the emulator arm of 8 rollouts would not repeat by chance)
+    assert saved["survival_emulator"] != old["survival_emulator"] or saved["survival_thermalizer"] != old["survival_thermalizer"]
+    n = saved["rollout_steps"]
+    result_file = tmp_path / "per_rollout.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(run),
+                           "--steps", str(n), "--stop-on-exit", "--results-file", str(result_file)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(result_file.read_text())
+    assert result["repeats_the_evaluation"] is True and result["changed_thresholds"] == []
+    bounds = result["survival_thermalizer_lower_bounds"]
+    for i, (new, evaluated) in enumerate(zip(result["survival_thermalizer"], saved["survival_thermalizer"])):
+        assert (evaluated >= new) if i in bounds else (new == evaluated), (i, new, evaluated)
+    assert result["median_survival_thermalizer"] == saved["median_survival_thermalizer"]

@@ -182,6 +182,10 @@ class ThermalizerEvalArguments:
     # thermalizations drawn per fired state; the classifier keeps the least noisy (the pipeline's num_candidates)
     num_candidates: int = 1
     seed: int = 0
+    # one random stream per rollout (the pipeline's list of generators), seeded from `seed`: a rollout's draws do
+    # not depend on the others (a stop beside it, a longer re-run that ends rollouts where they leave the range), and
+    # the arms share them rollout by rollout. Off: one stream for the batch, which the stored results were made with
+    generator_per_rollout: bool = False
     # where the rollouts start: frame `initial_frame` of the first trajectories of `initial_split`. "test" is the
     # reported evaluation; "train" is the split to tune thresholds on without looking at the test trajectories
     initial_split: str = "test"
@@ -440,6 +444,15 @@ class ThermalizerTask(Task):
         ``(num_initial_conditions * k, S, S)``."""
         return self.initial_trajectories()[:, 0].repeat_interleave(self.eval_args.rollouts_per_initial_condition, 0)
 
+    def rollout_generator(self, num_rollouts: int):
+        """The rollouts' randomness: a generator seeded with ``evaluation.seed``, or with ``generator_per_rollout`` one
+        per rollout, each seeded from a draw of that generator."""
+        master = torch.Generator().manual_seed(self.eval_args.seed)
+        if not self.eval_args.generator_per_rollout:
+            return master
+        return [torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=master)))
+                for _ in range(num_rollouts)]
+
     @torch.no_grad()
     def rollouts(self, pipe) -> dict:
         """The three arms from the same initial conditions and the same seed."""
@@ -448,7 +461,7 @@ class ThermalizerTask(Task):
         arms = {}
         for arm in ARMS:
             arms[arm] = pipe(initial, num_steps=ev.rollout_steps, thermalize=arm != "emulator", noise_control=arm == "noise_control",
-                             temperature=ev.temperature, generator=torch.Generator().manual_seed(ev.seed), output_type="pt",
+                             temperature=ev.temperature, generator=self.rollout_generator(len(initial)), output_type="pt",
                              thermalizer_input=ev.thermalizer_input, num_candidates=ev.num_candidates)
         return arms
 
