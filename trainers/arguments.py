@@ -319,16 +319,30 @@ def parse_overrides(argv: list[str]) -> list[tuple[list[str], Any]]:
     return out
 
 
+def _list_index(node: list, part: str, path: list[str]) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"cannot set {'.'.join(path)}: '{part}' must index the list of {len(node)} items there "
+                          f"(0 to {len(node) - 1})")
+    return int(part)
+
+
 def _set_path(tree: dict, path: list[str], value: Any):
+    """Set ``value`` at ``path`` in ``tree``; a numeric part indexes a list (``model.x.levels.0.key``)."""
     node = tree
     for part in path[:-1]:
-        nxt = node.get(part)
-        if nxt is None:
-            nxt = node[part] = {}
-        if not isinstance(nxt, dict):
+        if isinstance(node, list):
+            nxt = node[_list_index(node, part, path)]
+        else:
+            nxt = node.get(part)
+            if nxt is None:
+                nxt = node[part] = {}
+        if not isinstance(nxt, (dict, list)):
             raise ConfigError(f"cannot set {'.'.join(path)}: '{part}' is not a mapping")
         node = nxt
-    node[path[-1]] = value
+    if isinstance(node, list):
+        node[_list_index(node, path[-1], path)] = value
+    else:
+        node[path[-1]] = value
 
 
 def load_config(path: Union[str, os.PathLike], overrides: Optional[list[str]] = None) -> ExperimentConfig:

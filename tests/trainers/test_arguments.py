@@ -29,6 +29,21 @@ def test_overrides_are_typed_and_win_over_stage_values():
     assert load_config(TINY).stage_training("vq_tokenizer").max_steps == 20
 
 
+def test_overrides_index_lists_of_mappings():
+    """A numeric part indexes a list: one key of one level of the Abstractinator's compressor_level_configs."""
+    path = REPO / "configs" / "experiments" / "abstractinator_shakespeare.yaml"
+    cfg = load_config(path, ["--model.abstractinator.compressor_level_configs.0.entropy_delta", "1.0"])
+    level = cfg.model["abstractinator"]["compressor_level_configs"][0]
+    assert level["entropy_delta"] == 1.0 and level["codebook_size"] == 1024  # the rest of the level is kept
+    assert build_task(cfg).model_config.compressor_level_configs[0]["entropy_delta"] == 1.0
+    for bad, message in ((["--model.abstractinator.compressor_level_configs.1.entropy_delta", "1.0"], "0 to 0"),
+                         (["--model.abstractinator.compressor_level_configs.first.entropy_delta", "1.0"], "'first' must index"),
+                         (["--model.abstractinator.compressor_level_configs.0.entropy_delta.x", "1"], "is not a mapping")):
+        with pytest.raises(ConfigError) as info:
+            load_config(path, bad)
+        assert message in str(info.value), str(info.value)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
