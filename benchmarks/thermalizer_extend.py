@@ -74,6 +74,7 @@ class ExitWatch:
         self.ranges = ranges
         self.running = set(range(num_rollouts))
         self.exited: set = set()
+        self.exits: dict = {}  # rollout -> the statistics that left the range at its exit, with their side
         self.needed = (num_rollouts - 1) // 2 + 1  # exits that fix the lower median
         self.median_known_at = None
 
@@ -87,7 +88,11 @@ class ExitWatch:
         end = torch.zeros(len(rows), dtype=torch.bool)
         for name, (low, high) in self.ranges.items():
             values = stats[name]
-            end |= ~torch.isfinite(values) | (values < low) | (values > high)
+            out = ~torch.isfinite(values) | (values < low) | (values > high)
+            for j in out.nonzero().flatten().tolist():  # which statistic left, and which way
+                side = "above" if values[j] > high else "below" if values[j] < low else "not_finite"
+                self.exits.setdefault(rows[j], []).append(f"{name}_{side}")
+            end |= out
         self.exited |= {r for r, e in zip(rows, end.tolist()) if e}
         self.running = set(rows) - self.exited
         if self.exited != before:
@@ -125,7 +130,7 @@ def main():
 
     from hf_models.metrics.rollout_stability import median_ratio_interval
     from hf_models.pipelines import ThermalizedRolloutPipeline
-    from trainers.tasks.thermalizer import THRESHOLD_KEYS
+    from trainers.tasks.thermalizer import THRESHOLD_KEYS, firing_statistics
 
     out = Path(args.output_dir)
     evaluated = Path(args.eval_results) if args.eval_results else out / "eval_results.json"
@@ -225,8 +230,9 @@ def main():
         "survival_ratio_ci95_high": high,
         "survival_ratio_capped": median_thermalizer >= args.steps,
         "median_known_at_step": None if callback is None else callback.median_known_at,
-        "fire_rate_thermalizer": float(output.fired.float().mean()),
-        "requantized_changes_mean_thermalizer": float(output.requantized_changes.float().mean()),
+        "exits_thermalizer": None if callback is None else {str(k): v for k, v in sorted(callback.exits.items())},
+        # over the steps each rollout ran (a rollout that --stop-on-exit or a stop ended has no later steps)
+        **{f"{name}_thermalizer": value for name, value in firing_statistics(output).items()},
         **{f"survival_thermalizer_{name}": [int(v) for v in values] for name, values in per_statistic.items()},
         **late_statistics(task, pipe, output),
         "repeats_the_evaluation": not changed,
@@ -235,9 +241,10 @@ def main():
           f"{median_thermalizer:.0f}{' (capped)' if result['survival_ratio_capped'] else ''}, ratio {result['survival_ratio']:.2f} "
           + (f"(95 % interval {low:.2f}-{high:.2f})" if low is not None else
              f"(no interval: {emulator_lower_bounds} emulator survivals are lower bounds)")
-          + f"; {result['survived_full_rollout_thermalizer']} of {len(survival)} in range at the end"
-          + (f"; the arm ended at step {callback.median_known_at}, when its median was known "
-             f"({len(lower_bounds)} survivals are lower bounds)" if callback is not None and callback.median_known_at else "")
+          + (f"; the arm ended at step {callback.median_known_at}, when its median was known, with "
+             f"{len(lower_bounds)} of {len(survival)} still in range (their survivals are lower bounds)"
+             if callback is not None and callback.median_known_at else
+             f"; {result['survived_full_rollout_thermalizer']} of {len(survival)} in range at the end")
           + (f"; {changed} instead of the evaluation's thresholds: a new arm, not a repeat" if changed else ""))
     write_results(args.results_name, result, args.results_file)
 

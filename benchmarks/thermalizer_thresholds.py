@@ -84,6 +84,7 @@ def main():
     from hf_models.pipelines import ThermalizedRolloutPipeline
     from trainers.arguments import ConfigError
     from trainers.evaluate import load_run_task
+    from trainers.tasks.thermalizer import firing_statistics
 
     out = Path(args.output_dir)
     overrides = ["--evaluation.initial_split", "train", "--evaluation.initial_frame", str(args.initial_frame),
@@ -133,8 +134,7 @@ def main():
         stats, _, survival = task.survival(output, ranges)
         return {"median_survival": float(survival.float().median()), "mean_survival": float(survival.float().mean()),
                 "survival": survival.tolist(), **exits(stats, survival, output.stopped_at),
-                "fire_rate": float(output.fired.float().mean()),
-                "requantized_changes_mean": float(output.requantized_changes.float().mean()),
+                **firing_statistics(output),  # over the steps each rollout ran
                 "spectrum_distance_late": late_spectrum(output.frames),
                 "spectrum_distance_early": spectrum_distance(output.frames[:, 1: early_window + 1], reference),
                 "seconds": round(time.perf_counter() - start, 1)}

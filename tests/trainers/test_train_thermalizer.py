@@ -145,7 +145,9 @@ def test_evaluation_numbers_are_reproduced_from_the_saved_pipeline(tiny_run):
         late = late[torch.isfinite(late).flatten(1).all(1)]
         if len(late):
             assert abs(spectrum_distance(late, data["test"]) - results[f"spectrum_distance_{arm}"]) < 1e-9, arm
-        assert abs(out.fired.float().mean().item() - results[f"fire_rate_{arm}"]) < 1e-9
+        ran = (out.codes[:, 1:] >= 0).flatten(2).all(-1)  # the steps each rollout made (none after a stop)
+        assert abs(out.fired[ran].float().mean().item() - results[f"fire_rate_{arm}"]) < 1e-9
+        assert results[f"steps_run_{arm}"] == int(ran.sum())
     # the ratio's bootstrap interval is the one of those survivals, resampling initial conditions with their rollouts
     low, high = results["survival_ratio_ci95_low"], results["survival_ratio_ci95_high"]
     assert [low, high] == list(median_ratio_interval(results["survival_thermalizer"], results["survival_emulator"],
@@ -789,6 +791,12 @@ def test_extend_benchmark_stop_on_exit_ends_rollouts_where_they_leave_and_the_ar
     else:
         assert not bounds
     assert "left the range" in proc.stdout
+    # every rollout ended by the watch records what left the range, and which way
+    exits = result["exits_thermalizer"]
+    assert set(exits) <= {str(i) for i in range(len(survival))}
+    assert all(v and all(e.split("_")[0] in ("enstrophy", "energy") and e.split("_")[-1] in ("above", "below", "finite")
+                         for e in v) for v in exits.values())
+    assert not set(exits) & {str(i) for i in bounds}
 
 
 def test_extend_benchmark_with_one_generator_per_rollout_repeats_the_evaluation_with_stop_on_exit(tiny_run, tmp_path):

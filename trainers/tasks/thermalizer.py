@@ -154,6 +154,18 @@ class KolmogorovDataArguments:
         return out
 
 
+def firing_statistics(output) -> dict:
+    """How often a rollout output's thermalizer fired (``fire_rate``) and how many codes its re-quantization changed
+    per step (``requantized_changes_mean``), over the steps each rollout ran (``steps_run``; not the steps after a
+    stop at ``s_max`` or an end, which have no state)."""
+    ran = (output.codes[:, 1:] >= 0).flatten(2).all(-1)  # (rollouts, steps)
+    if not bool(ran.any()):
+        return {"fire_rate": 0.0, "requantized_changes_mean": 0.0, "steps_run": 0}
+    return {"fire_rate": float(output.fired[ran].float().mean()),
+            "requantized_changes_mean": float(output.requantized_changes[ran].float().mean()),
+            "steps_run": int(ran.sum())}
+
+
 @dataclass
 class ThermalizerEvalArguments:
     num_initial_conditions: int = 16
@@ -613,8 +625,7 @@ class ThermalizerTask(Task):
                 **{f"{name}_{arm}": v for name, v in self.late_statistics(output, test, test_enstrophy, test_codes, size).items()},
                 f"short_term_correlation_{arm}": [round(float(c), 5) for c in corr],
                 f"short_term_correlation_mean_{arm}": float(corr.mean()),
-                f"fire_rate_{arm}": float(output.fired.float().mean()),
-                f"requantized_changes_mean_{arm}": float(output.requantized_changes.float().mean()),
+                **{f"{name}_{arm}": value for name, value in firing_statistics(output).items()},
                 f"stopped_{arm}": int((output.stopped_at >= 0).sum()),
                 f"predicted_level_mean_{arm}": float(output.levels[output.levels >= 0].float().mean()) if (output.levels >= 0).any() else None,
             })
