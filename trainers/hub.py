@@ -150,7 +150,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
             "enstrophy_histogram_distance_thermalizer": "late-window Wasserstein-1 distance of enstrophy to the truth, in true standard deviations",
             "short_term_correlation_mean_thermalizer": "pattern correlation with the true trajectory over the first steps",
             "short_term_correlation_mean_emulator": "the same for the emulator alone",
-            "fire_rate_thermalizer": "share of steps at which the thermalizer denoised",
+            "fire_rate_thermalizer": "share of the steps the rollouts ran at which the thermalizer denoised",
         },
         "components": [
             ("vq_tokenizer", "VQTokenizerModel", "AutoModel"),
