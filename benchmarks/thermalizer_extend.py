@@ -79,7 +79,7 @@ class ExitWatch:
         self.median_known_at = None
 
     def __call__(self, pipe, i, t, kwargs):
-        from hf_models.metrics.rollout_stability import flow_statistics
+        from hf_models.metrics.rollout_stability import exit_side, flow_statistics
 
         rows = [int(r) for r in kwargs["rows"]]
         before = set(self.exited)
@@ -87,12 +87,11 @@ class ExitWatch:
         stats = flow_statistics(pipe.decode_codes(kwargs["codes"].cpu()))
         end = torch.zeros(len(rows), dtype=torch.bool)
         for name, (low, high) in self.ranges.items():
-            values = stats[name]
-            out = ~torch.isfinite(values) | (values < low) | (values > high)
-            for j in out.nonzero().flatten().tolist():  # which statistic left, and which way
-                side = "above" if values[j] > high else "below" if values[j] < low else "not_finite"
-                self.exits.setdefault(rows[j], []).append(f"{name}_{side}")
-            end |= out
+            for j, value in enumerate(stats[name].tolist()):  # which statistic left, and which way
+                side = exit_side(value, low, high)
+                if side is not None:
+                    self.exits.setdefault(rows[j], []).append(f"{name}_{side}")
+                    end[j] = True
         self.exited |= {r for r, e in zip(rows, end.tolist()) if e}
         self.running = set(rows) - self.exited
         if self.exited != before:
@@ -188,8 +187,8 @@ def main():
     _, per_statistic, survival = task.survival(output, ranges)
     survival = [int(v) for v in survival]
     # rollouts the arm's interrupt ended while still in range: their survival is a lower bound
-    lower_bounds = [i for i in range(len(survival)) if callback is not None and i not in callback.exited]
-    lower_bounds = [i for i in lower_bounds if int(output.ended_at[i]) >= 0]
+    lower_bounds = [] if callback is None else [i for i in range(len(survival))
+                                                if i not in callback.exited and int(output.ended_at[i]) >= 0]
     common = min(args.steps, evaluated_steps)
     # a repeat of the evaluation's arm must agree with it; an arm with changed thresholds is a new one
     # (a rollout the arm's interrupt ended in range has only a lower bound, which the evaluation's must not be below)

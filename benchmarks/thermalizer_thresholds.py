@@ -80,7 +80,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hf_models.metrics.rollout_stability import late_window, spectrum_distance
+    from hf_models.metrics.rollout_stability import exit_side, late_window, spectrum_distance
     from hf_models.pipelines import ThermalizedRolloutPipeline
     from trainers.arguments import ConfigError
     from trainers.evaluate import load_run_task
@@ -120,9 +120,8 @@ def main():
                 counts["stopped"] += 1
                 continue
             for name, (low, high) in ranges.items():
-                value = float(stats[name][i, step])
-                if not low <= value <= high:  # also NaN
-                    side = "above" if value > high else "below" if value < low else "not_finite"
+                side = exit_side(float(stats[name][i, step]), low, high)
+                if side is not None:
                     counts[f"{name}_{side}"] = counts.get(f"{name}_{side}", 0) + 1
                     break
         return {"exits": counts}

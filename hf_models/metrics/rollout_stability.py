@@ -64,6 +64,14 @@ def statistic_range(values, margin: float = 0.1) -> tuple[float, float]:
     return low - margin * span, high + margin * span
 
 
+def exit_side(value: float, low: float, high: float) -> Optional[str]:
+    """How a statistic's value stands against its survival range ``[low, high]``: ``None`` inside, else ``"above"``,
+    ``"below"`` or ``"not_finite"`` (NaN)."""
+    if low <= value <= high:
+        return None
+    return "above" if value > high else "below" if value < low else "not_finite"
+
+
 def survival_steps(values, low: float, high: float, stopped_at=None) -> torch.Tensor:
     """Survival of each trajectory ``(B,)``: for ``values`` of shape ``(B, L)`` (the statistic at rollout steps
     ``1..L``), the 1-based step of the first value outside ``[low, high]`` or not finite, minus one, i.e. the number of
