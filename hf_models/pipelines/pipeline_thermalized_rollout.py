@@ -10,6 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from ..schedulers.scheduling_thermalizer import select_generators
 from .pipeline_utils import LatentheatPipelineMixin, check_output_type
 
 
@@ -212,8 +213,7 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         # from it once, so the arms (emulator alone, thermalizer, noise control) see the same emulator noise and differ
         # only by what thermalization does to the codes
         noise_generator = None
-        per_row = isinstance(generator, (list, tuple))
-        if per_row:
+        if isinstance(generator, (list, tuple)):  # one per trajectory: each gets its own noise generator too
             if len(generator) != batch:
                 raise ValueError(f"got a list of {len(generator)} generators for {batch} initial frames: expected one "
                                  "per trajectory")
@@ -222,9 +222,6 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         elif generator is not None:
             seed = int(torch.randint(0, 2**62, (1,), generator=generator))
             noise_generator = torch.Generator(device=generator.device).manual_seed(seed)
-
-        def rows_generator(source, rows, repeat: int = 1):  # per-row generators follow their trajectories
-            return [source[int(r)] for r in rows for _ in range(repeat)] if per_row else source
         current = codes0.flatten(1).to(self.emulator.device)
         alive = torch.ones(batch, dtype=torch.bool)
         with self.progress_bar(total=num_steps) as progress_bar:
@@ -235,7 +232,7 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                     break
                 # the logits of the drawn codes (autoregressive decoding: each given the codes drawn before it)
                 # only where the expected embedding needs them
-                drawn = self.emulator.sample_next_frame(current[rows], temperature, rows_generator(generator, rows),
+                drawn = self.emulator.sample_next_frame(current[rows], temperature, select_generators(generator, rows),
                                                         return_logits=thermalizer_input == "expected")
                 new, logits = drawn if thermalizer_input == "expected" else (drawn, None)
                 if thermalize or track_levels:
@@ -252,7 +249,7 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                     levels[rows, step] = level.cpu()
                 if thermalize:
                     out = self.scheduler.thermalize(self.thermalizer, sample.repeat_interleave(num_candidates, 0),
-                                                    generator=rows_generator(noise_generator, rows, num_candidates),
+                                                    generator=select_generators(noise_generator, rows, num_candidates),
                                                     levels=level.repeat_interleave(num_candidates),
                                                     noise_control=noise_control)
                     requantized = self.vq_tokenizer.quantize(

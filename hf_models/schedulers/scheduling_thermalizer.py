@@ -43,6 +43,14 @@ class ThermalizerSchedulerOutput(BaseOutput):
     num_model_calls: int = 0
 
 
+def select_generators(generator, rows, repeat: int = 1):
+    """The generators of a sub-batch: with a list (one `torch.Generator` per item, diffusers' convention) those of the
+    items `rows`, each `repeat` times in a row; a single generator (or `None`) is shared by any sub-batch."""
+    if isinstance(generator, (list, tuple)):
+        return [generator[int(r)] for r in rows for _ in range(repeat)]
+    return generator
+
+
 class ThermalizerScheduler(DDPMScheduler):
     r"""
     DDPM noise schedule over embedding grids `(B, C, H, W)` (normalized to about unit variance by the caller) with the
@@ -250,9 +258,6 @@ class ThermalizerScheduler(DDPMScheduler):
         if isinstance(generator, (list, tuple)) and len(generator) != B:
             raise ValueError(f"got a list of {len(generator)} generators for a batch of {B}: expected one per item")
 
-        def rows_generator(rows):  # a sub-batch draws from its own items' generators
-            return [generator[int(i)] for i in rows] if isinstance(generator, (list, tuple)) else generator
-
         num_model_calls = 0
         if levels is None:
             levels = model(sample).level_logits.argmax(-1)
@@ -268,7 +273,7 @@ class ThermalizerScheduler(DDPMScheduler):
         x = sample.clone()
         if cfg.renoise and bool(fired.any()):
             rows = fired.nonzero().flatten()
-            noise = randn_tensor(x[rows].shape, generator=rows_generator(rows), device=x.device, dtype=x.dtype)
+            noise = randn_tensor(x[rows].shape, generator=select_generators(generator, rows), device=x.device, dtype=x.dtype)
             x[rows] = self.add_noise(x[rows], noise, start_levels[rows]).to(x.dtype)
         if bool(fired.any()) and (cfg.num_denoising_steps is not None or cfg.eta is not None):
             rows_all = fired.nonzero().flatten()
@@ -283,7 +288,7 @@ class ThermalizerScheduler(DDPMScheduler):
                 if not bool(act.any()):
                     continue
                 rows = rows_all[act]
-                x_t, gen = x[rows], rows_generator(rows)
+                x_t, gen = x[rows], select_generators(generator, rows)
                 if noise_control:
                     eps = randn_tensor(x_t.shape, generator=gen, device=x_t.device, dtype=x_t.dtype)
                 else:
@@ -298,7 +303,7 @@ class ThermalizerScheduler(DDPMScheduler):
             try:
                 for t in range(top, cfg.s_stop, -1):
                     active = fired & (start_levels >= t)
-                    x_t, gen = x[active], rows_generator(active.nonzero().flatten())
+                    x_t, gen = x[active], select_generators(generator, active.nonzero().flatten())
                     if noise_control:
                         eps = randn_tensor(x_t.shape, generator=gen, device=x_t.device, dtype=x_t.dtype)
                     else:
@@ -319,4 +324,4 @@ class ThermalizerScheduler(DDPMScheduler):
         )
 
 
-__all__ = ["ThermalizerScheduler", "ThermalizerSchedulerOutput"]
+__all__ = ["ThermalizerScheduler", "ThermalizerSchedulerOutput", "select_generators"]
