@@ -423,15 +423,29 @@ class AbstractinatorCodeExpander(nn.Module):
         causal = torch.ones(length, length, dtype=torch.bool, device=h.device).tril()[None]
         self_mask = _additive(causal, h.dtype)
         pe = self.rotary_emb(h, torch.arange(length, device=h.device)[None])
-        code_segments = (torch.arange(memory.shape[1], device=h.device) // self.num_queries)[None]
-        # segment-causal: a position reads the codes of its own segment and the ones before
-        allowed = (code_segments[:, None, :] <= target_segments[:, :, None]) & code_mask[:, None, :]
-        allowed[:, :, 0] |= ~allowed.any(-1)
+        allowed = self.cross_allowed(code_mask, target_segments)
         query_rotary = self.rotary_emb(h, target_segments)
-        key_rotary = self.rotary_emb(memory, code_segments.expand(memory.shape[0], -1))
+        key_rotary = self.code_key_rotary(memory)
         for layer in self.decoder_layers:
             h = layer(h, self_mask, pe, memory, query_rotary, key_rotary, allowed[:, None])
         return self.lm_head(self.decoder_norm(h))
+
+    def code_segments(self, num_codes: int, device) -> torch.LongTensor:
+        """The segment of every code slot `(num_codes,)`: `num_queries` slots per segment."""
+        return torch.arange(num_codes, device=device) // self.num_queries
+
+    def code_key_rotary(self, memory):
+        """Rotary cos / sin of the code keys, at their segment indices."""
+        segments = self.code_segments(memory.shape[1], memory.device)[None]
+        return self.rotary_emb(memory, segments.expand(memory.shape[0], -1))
+
+    def cross_allowed(self, code_mask, segments):
+        """Segment-causal cross-attention mask `(batch, length, num_codes)` for decoder positions writing `segments`
+        `(batch, length)`: a position reads the codes of its own segment and the ones before (at least slot 0)."""
+        code_segments = self.code_segments(code_mask.shape[1], code_mask.device)
+        allowed = (code_segments[None, None, :] <= segments[:, :, None]) & code_mask[:, None, :]
+        allowed[:, :, 0] |= ~allowed.any(-1)
+        return allowed
 
     def decode_step(self, memory_kv, code_mask, tokens, position: int, segments, cache):
         """Logits `(batch, vocab + 1)` of the symbol after `tokens` `(batch,)`, the decoder input at `position`, which
@@ -439,9 +453,7 @@ class AbstractinatorCodeExpander(nn.Module):
         keys and values in `cache` (a `DynamicCache` this call extends) and the codes' in `memory_kv` (per layer)."""
         h = self.embed_tokens(tokens[:, None])
         pe = self.rotary_emb(h, torch.full((1, 1), position, dtype=torch.long, device=h.device))
-        code_segments = torch.arange(code_mask.shape[1], device=h.device) // self.num_queries
-        allowed = (code_segments[None, None, :] <= segments[:, None, None]) & code_mask[:, None, :]
-        allowed[:, :, 0] |= ~allowed.any(-1)
+        allowed = self.cross_allowed(code_mask, segments[:, None])
         query_rotary = self.rotary_emb(h, segments[:, None])
         for layer, kv in zip(self.decoder_layers, memory_kv):
             h = layer(h, None, pe, None, query_rotary, None, allowed[:, None], past_key_values=cache, memory_kv=kv)
@@ -469,8 +481,7 @@ class AbstractinatorCodeExpander(nn.Module):
         cache = memory_kv = None
         if use_cache:
             cache = DynamicCache()
-            code_segments = (torch.arange(memory.shape[1], device=memory.device) // self.num_queries)[None]
-            key_rotary = self.rotary_emb(memory, code_segments.expand(batch, -1))
+            key_rotary = self.code_key_rotary(memory)
             memory_kv = [layer.cross_attn.memory_kv(memory, key_rotary) for layer in self.decoder_layers]
         inputs = torch.full((batch, 1), self.start, dtype=torch.long, device=memory.device)
         ended = torch.zeros(batch, dtype=torch.long, device=memory.device)
