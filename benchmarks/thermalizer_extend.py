@@ -23,7 +23,8 @@ run's evaluation settings. ``--s-floor N`` rolls out the thermalizer arm with th
 (a threshold tuned after the evaluation was read): the emulator arm does not depend on the thermalizer's thresholds,
 so it is still the evaluation's, but the thermalizer arm is a new one and cannot be checked against the evaluation's
 (``repeats_the_evaluation`` is then false). ``--candidates K`` does the same for the pipeline's ``num_candidates``
-(best of K thermalizations of each fired state, by the classifier).
+(best of K thermalizations of each fired state, by the classifier), and ``--rounds R`` for its ``thermalize_rounds``
+(up to R thermalizations of a fired step while the classifier still reads drift).
 
     python benchmarks/thermalizer_extend.py --output-dir outputs/thermalizer_kolmogorov_16x16 --steps 2100 \
         --eval-results benchmarks/results/thermalizer_survival_16x16.json --s-floor 30
@@ -114,6 +115,8 @@ def main():
                         help="thermalize with this s_floor instead of the evaluation's (the arm is then not a repeat)")
     parser.add_argument("--candidates", type=int, default=None,
                         help="thermalize with this num_candidates instead of the evaluation's (the arm is then not a repeat)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="thermalize with this thermalize_rounds instead of the evaluation's (the arm is then not a repeat)")
     parser.add_argument("--stop-on-exit", action="store_true",
                         help="end each rollout when it leaves the range, and the arm once its median is known")
     parser.add_argument("--threads", type=int, default=None)
@@ -124,6 +127,8 @@ def main():
         raise SystemExit(f"error: --steps={args.steps} must be >= 1")
     if args.candidates is not None and args.candidates < 1:
         raise SystemExit(f"error: --candidates={args.candidates} must be >= 1 (1: the paper's single thermalization)")
+    if args.rounds is not None and args.rounds < 1:
+        raise SystemExit(f"error: --rounds={args.rounds} must be >= 1 (1: one thermalization per fired step)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -172,6 +177,10 @@ def main():
     if args.candidates is not None and args.candidates != ev.num_candidates:
         num_candidates = args.candidates
         changed["num_candidates"] = num_candidates
+    rounds = ev.thermalize_rounds
+    if args.rounds is not None and args.rounds != ev.thermalize_rounds:
+        rounds = args.rounds
+        changed["thermalize_rounds"] = rounds
     ranges = task.survival_ranges(pipe)
     initial = task.rollout_initial_frames()
     callback = None
@@ -182,7 +191,8 @@ def main():
     start = time.perf_counter()
     output = pipe(initial, num_steps=args.steps, thermalize=True, noise_control=False,
                   temperature=ev.temperature, generator=task.rollout_generator(len(initial)), output_type="pt",
-                  thermalizer_input=ev.thermalizer_input, num_candidates=num_candidates, callback_on_step_end=callback)
+                  thermalizer_input=ev.thermalizer_input, num_candidates=num_candidates, thermalize_rounds=rounds,
+                  callback_on_step_end=callback)
     seconds = time.perf_counter() - start
     _, per_statistic, survival = task.survival(output, ranges)
     survival = [int(v) for v in survival]
@@ -214,6 +224,7 @@ def main():
         "eval_results": str(evaluated),
         **thresholds,
         "num_candidates": num_candidates,
+        "thermalize_rounds": rounds,
         **changed,
         "changed_thresholds": sorted(changed),
         "survival_emulator": emulator,

@@ -65,6 +65,9 @@ def main():
                              "(default: the run's, the predicted level if unset)")
     parser.add_argument("--candidates", type=int, default=1,
                         help="thermalizations per fired state, the classifier keeping the least noisy (the pipeline's num_candidates)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="at most this many thermalizations per fired step while the classifier still reads the "
+                             "grid above s_init (the pipeline's thermalize_rounds)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="the emulator's sampling temperature in every arm (default: the run's evaluation.temperature)")
     parser.add_argument("--skip-emulator", action="store_true",
@@ -77,6 +80,8 @@ def main():
     args = parser.parse_args()
     if args.skip_emulator and not args.pairs:
         parser.error("--skip-emulator with no --pairs leaves nothing to roll out")
+    if args.rounds < 1:
+        parser.error(f"--rounds={args.rounds} must be >= 1 (1: one thermalization per fired step)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -129,7 +134,7 @@ def main():
     def arm(thermalize: bool) -> dict:
         start = time.perf_counter()
         output = pipe(initial, num_steps=args.steps, thermalize=thermalize, generator=torch.Generator().manual_seed(args.seed),
-                      num_candidates=args.candidates, temperature=temperature)
+                      num_candidates=args.candidates, thermalize_rounds=args.rounds, temperature=temperature)
         stats, _, survival = task.survival(output, ranges)
         return {"median_survival": float(survival.float().median()), "mean_survival": float(survival.float().mean()),
                 "survival": survival.tolist(), **exits(stats, survival, output.stopped_at),
@@ -177,6 +182,7 @@ def main():
         "spectrum_reference": "the training trajectories (all frames)",
         "seed": args.seed,
         "num_candidates": args.candidates,
+        "thermalize_rounds": args.rounds,
         "temperature": temperature,
         "survival_ranges": {k: list(v) for k, v in ranges.items()},
         "emulator": emulator,

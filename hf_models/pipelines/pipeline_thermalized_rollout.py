@@ -31,6 +31,8 @@ class ThermalizedRolloutOutput(BaseOutput):
             scheduler's `s_max` and the trajectory was stopped, or -1.
         ended_at (`torch.LongTensor` of shape `(B,)`): the last step of a trajectory that `callback_on_step_end` ended
             (or that was running when the callback interrupted the rollout), or -1. Its later frames are NaN.
+        rounds (`torch.LongTensor` of shape `(B, num_steps)`, *optional*): how many thermalizations a step made (0 when
+            it did not fire; more than 1 only with `thermalize_rounds > 1`).
     """
 
     frames: Union[torch.Tensor, np.ndarray]
@@ -40,6 +42,7 @@ class ThermalizedRolloutOutput(BaseOutput):
     requantized_changes: torch.Tensor
     stopped_at: torch.Tensor
     ended_at: Optional[torch.Tensor] = None
+    rounds: Optional[torch.Tensor] = None
 
 
 class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
@@ -136,6 +139,26 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         return candidates.view(-1, num_candidates, candidates.shape[-1])[torch.arange(len(pick)), pick]
 
     @torch.no_grad()
+    def _thermalize(self, sample: torch.Tensor, level: torch.LongTensor, generator, num_candidates: int,
+                    noise_control: bool, h: int, w: int):
+        """One thermalization round of a batch of normalized embedding grids `sample` `(b, C, h, w)` read at `level`:
+        `num_candidates` DDPM chains per state, re-quantized, the least noisy kept -> `(codes (b, h * w), fired (b,),
+        stopped (b,))`; the codes of unfired states are the first candidate's (their input, re-quantized)."""
+        out = self.scheduler.thermalize(self.thermalizer, sample.repeat_interleave(num_candidates, 0), generator=generator,
+                                        levels=level.repeat_interleave(num_candidates), noise_control=noise_control)
+        requantized = self.vq_tokenizer.quantize(self.thermalizer.denormalize(out.sample).to(self.vq_tokenizer.device)).flatten(1)
+        # the candidates of a state share its level, so its firing and stop decisions
+        fired, stop = out.fired[::num_candidates], out.stopped[::num_candidates].cpu()
+        if num_candidates > 1:
+            # only fired states have distinct candidates to choose from; the others keep their codes
+            grouped = requantized.view(len(level), num_candidates, -1)
+            requantized = grouped[:, 0].clone()
+            chosen = fired.nonzero().flatten().to(requantized.device)
+            if len(chosen):
+                requantized[chosen] = self._select_candidate(grouped[chosen].flatten(0, 1), num_candidates, h, w)
+        return requantized, fired, stop
+
+    @torch.no_grad()
     def __call__(
         self,
         initial_frames: torch.Tensor,
@@ -147,6 +170,7 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         track_levels: bool = True,
         thermalizer_input: str = "sampled",
         num_candidates: int = 1,
+        thermalize_rounds: int = 1,
         output_type: str = "pt",
         return_dict: bool = True,
         callback_on_step_end: Optional[Callable] = None,
@@ -178,6 +202,12 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                 batched chain); the one whose re-quantized grid the classifier reads as the least noisy (lowest
                 expected level) becomes the next state. `1` is the paper's single draw. The noise control selects
                 among its candidates the same way, so the two arms keep the same mechanics.
+            thermalize_rounds (`int`, defaults to 1): the most thermalizations of one emulator step. After a fired
+                state is thermalized and re-quantized, the classifier reads the new grid; while it still reads above
+                `s_init` (and at most `s_max`), the grid is thermalized again from that level, up to this many rounds
+                in all (`rounds` in the output). A state the first round leaves clean costs nothing more, so the
+                correction deepens only where the classifier still sees drift. `1` is the paper's single round. The
+                stop at `s_max` is decided by the first reading only.
             output_type (`str`, defaults to `"pt"`): `"pt"` (torch) or `"np"` (numpy) frames.
             return_dict (`bool`, defaults to `True`): return a [`ThermalizedRolloutOutput`] instead of a tuple.
             callback_on_step_end (`Callable`, *optional*): called after every emulator step as
@@ -196,6 +226,9 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
             raise ValueError(f"num_steps={num_steps!r} is invalid: expected an int >= 1")
         if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
             raise ValueError(f"num_candidates={num_candidates!r} is invalid: expected an int >= 1")
+        if isinstance(thermalize_rounds, bool) or not isinstance(thermalize_rounds, int) or thermalize_rounds < 1:
+            raise ValueError(f"thermalize_rounds={thermalize_rounds!r} is invalid: expected an int >= 1 (1: one "
+                             "thermalization per fired step)")
         if noise_control and not thermalize:
             raise ValueError("noise_control=True is the control arm of the thermalizer: it needs thermalize=True")
         self.check_components()
@@ -206,6 +239,7 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         levels = torch.full((batch, num_steps), -1, dtype=torch.long)
         fired = torch.zeros(batch, num_steps, dtype=torch.bool)
         changes = torch.zeros(batch, num_steps, dtype=torch.long)
+        rounds = torch.zeros(batch, num_steps, dtype=torch.long)
         stopped_at = torch.full((batch,), -1, dtype=torch.long)
         ended_at = torch.full((batch,), -1, dtype=torch.long)
         self._interrupt = False
@@ -248,22 +282,28 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                     level = self.thermalizer.predict_level(sample)
                     levels[rows, step] = level.cpu()
                 if thermalize:
-                    out = self.scheduler.thermalize(self.thermalizer, sample.repeat_interleave(num_candidates, 0),
-                                                    generator=select_generators(noise_generator, rows, num_candidates),
-                                                    levels=level.repeat_interleave(num_candidates),
-                                                    noise_control=noise_control)
-                    requantized = self.vq_tokenizer.quantize(
-                        self.thermalizer.denormalize(out.sample).to(self.vq_tokenizer.device)
-                    ).flatten(1).to(new.device)
-                    # the candidates of a state share its level, so its firing and stop decisions
-                    fired_now, stop = out.fired[::num_candidates], out.stopped[::num_candidates].cpu()
-                    if num_candidates > 1:
-                        # only fired states have distinct candidates to choose from; the others keep their codes below
-                        grouped = requantized.view(len(rows), num_candidates, -1)
-                        requantized = grouped[:, 0].clone()
-                        chosen = fired_now.nonzero().flatten().to(requantized.device)
-                        if len(chosen):
-                            requantized[chosen] = self._select_candidate(grouped[chosen].flatten(0, 1), num_candidates, h, w)
+                    requantized, fired_now, stop = self._thermalize(sample, level, select_generators(noise_generator, rows, num_candidates),
+                                                                    num_candidates, noise_control, h, w)
+                    requantized = requantized.to(new.device)
+                    done = fired_now.long()
+                    # further rounds for the fired states the classifier still reads above s_init (never stopped here)
+                    again = fired_now & ~stop.to(fired_now.device)
+                    for _ in range(thermalize_rounds - 1):
+                        idx = again.nonzero().flatten()
+                        if not len(idx):
+                            break
+                        embedded = self.vq_tokenizer.embed(requantized[idx.to(requantized.device)].view(-1, h, w))
+                        resample = self.thermalizer.normalize(embedded.to(therm_device))
+                        relevel = self.thermalizer.predict_level(resample)
+                        more, more_fired, _ = self._thermalize(resample, relevel, select_generators(noise_generator, rows[idx.cpu()], num_candidates),
+                                                               num_candidates, noise_control, h, w)
+                        more_fired = more_fired.to(fired_now.device)
+                        hit = idx[more_fired]
+                        requantized[hit.to(requantized.device)] = more[more_fired.to(more.device)].to(requantized.device)
+                        done[hit] += 1
+                        again = torch.zeros_like(again)
+                        again[hit] = True
+                    rounds[rows, step] = done.cpu()
                     fired[rows, step] = fired_now.cpu()
                     changes[rows, step] = (requantized != new).sum(1).cpu()
                     new = torch.where(fired_now.to(new.device)[:, None], requantized, new)
@@ -296,9 +336,9 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
             frames = frames.numpy()
         self.maybe_free_model_hooks()
         if not return_dict:
-            return frames, codes, levels, fired, changes, stopped_at, ended_at
+            return frames, codes, levels, fired, changes, stopped_at, ended_at, rounds
         return ThermalizedRolloutOutput(frames=frames, codes=codes, levels=levels, fired=fired,
-                                        requantized_changes=changes, stopped_at=stopped_at, ended_at=ended_at)
+                                        requantized_changes=changes, stopped_at=stopped_at, ended_at=ended_at, rounds=rounds)
 
 
 __all__ = ["ThermalizedRolloutOutput", "ThermalizedRolloutPipeline"]

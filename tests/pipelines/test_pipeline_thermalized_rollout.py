@@ -119,8 +119,9 @@ def test_output_type_np_and_tuple_return():
     np.testing.assert_array_equal(arr.frames, pt.frames.numpy())
     assert torch.equal(arr.codes, pt.codes)
     tup = pipe(x, num_steps=2, generator=gen(1), return_dict=False)
-    assert isinstance(tup, tuple) and len(tup) == 7
-    for value, name in zip(tup, ("frames", "codes", "levels", "fired", "requantized_changes", "stopped_at", "ended_at")):
+    assert isinstance(tup, tuple) and len(tup) == 8
+    for value, name in zip(tup, ("frames", "codes", "levels", "fired", "requantized_changes", "stopped_at", "ended_at",
+                                 "rounds")):
         assert torch.equal(value, getattr(pt, name)), name
 
 
@@ -417,6 +418,64 @@ def test_candidates_are_ranked_only_for_states_that_fire(monkeypatch):
     assert torch.equal(out.codes[1, 1].flatten(), drawn[1]) and out.requantized_changes[1, 0] == 0
     fired = candidates[[0, 2]]
     assert torch.equal(out.codes[[0, 2], 1].flatten(1), fired[torch.arange(2), least_noisy(pipe, fired)])
+
+
+def test_rounds_thermalize_a_fired_state_again_while_the_classifier_reads_it_above_s_init():
+    level = 10
+    pipe = small_pipe()
+    force_level(pipe, level)  # every reading, re-readings included, is above s_init: every round runs
+    x = frames(3, seed=2)
+    out = pipe(x, num_steps=2, generator=gen(6), thermalize_rounds=3)
+    assert out.rounds.tolist() == [[3, 3]] * 3 and bool(out.fired.all())
+    # reproduce: draw -> (thermalize -> re-quantize -> embed) three times, the noise from the one noise stream
+    g, noise = streams(6)
+    vq, therm = pipe.vq_tokenizer, pipe.thermalizer
+    scheduler = ThermalizerScheduler(num_train_timesteps=T, s_init=S_INIT, s_stop=S_STOP, s_max=S_MAX)
+    with torch.no_grad():
+        current = vq.encode(x[:, None]).flatten(1)
+        for k in range(2):
+            drawn = pipe.emulator.sample_next_frame(current, generator=g)
+            current = drawn
+            for _ in range(3):
+                sample = therm.normalize(vq.embed(current.view(3, 4, 4)))
+                step = scheduler.thermalize(therm, sample, generator=noise, levels=torch.full((3,), level))
+                current = vq.quantize(therm.denormalize(step.sample)).flatten(1)
+            assert torch.equal(out.codes[:, k + 1].flatten(1), current), k
+            assert torch.equal(out.requantized_changes[:, k], (current != drawn).sum(1)), k
+    one = pipe(x, num_steps=2, generator=gen(6))
+    assert one.rounds.tolist() == [[1, 1]] * 3 and not torch.equal(one.codes, out.codes)
+
+
+def test_rounds_stop_where_the_classifier_reads_the_grid_clean(monkeypatch):
+    """A state whose thermalized grid reads at or below s_init gets no further round: with one generator per
+    trajectory its rollout is the single-round one, while the others get all their rounds."""
+    pipe = small_pipe()
+    # per step: the emulator's draws read 10 (all fire); the first re-reading [10, clean, 10]; the second [10, 10]
+    readings = [[10, 10, 10], [10, S_INIT, 10], [10, 10]]
+    calls = []
+
+    def predict_level(sample):
+        value = readings[len(calls) % len(readings)]
+        calls.append(len(sample))
+        assert len(sample) == len(value)
+        return torch.tensor(value)
+
+    monkeypatch.setattr(pipe.thermalizer, "predict_level", predict_level)
+    x = frames(3)
+    out = pipe(x, num_steps=2, generator=[gen(10), gen(11), gen(12)], thermalize_rounds=3)
+    assert out.rounds.tolist() == [[3, 3], [1, 1], [3, 3]] and calls == [3, 3, 2] * 2
+    readings[:] = [[10, 10, 10]]
+    calls.clear()
+    single = pipe(x, num_steps=2, generator=[gen(10), gen(11), gen(12)])
+    assert single.rounds.tolist() == [[1, 1]] * 3 and calls == [3, 3]
+    assert torch.equal(out.codes[1], single.codes[1])
+    assert not torch.equal(out.codes[0], single.codes[0]) and not torch.equal(out.codes[2], single.codes[2])
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, True])
+def test_bad_thermalize_rounds(bad):
+    with pytest.raises(ValueError, match="thermalize_rounds"):
+        small_pipe()(frames(1), num_steps=1, thermalize_rounds=bad)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True])

@@ -168,6 +168,7 @@ def test_bad_thermalizer_config_fails_before_training(tmp_path):
                             (["--data.perturbation_kind", "shift"], ["perturbation_kind", "random", "amplify", "mixed"]),
                             (["--evaluation.rollouts_per_initial_condition", "0"], ["rollouts_per_initial_condition", ">= 1"]),
                             (["--evaluation.num_candidates", "0"], ["num_candidates", ">= 1"]),
+                            (["--evaluation.thermalize_rounds", "0"], ["thermalize_rounds", ">= 1"]),
                             (["--model.emulator.frame_decoding", "raster"], ["frame_decoding", "autoregressive"])):
         out = tmp_path / "bad"
         proc = subprocess.run([sys.executable, "-m", "trainers.train", TINY, "--training.output_dir", str(out), *override],
@@ -230,12 +231,17 @@ def test_evaluate_cli_reevaluates_with_another_rollout_length(tiny_run):
     # the thermalize step's settings are evaluation overrides too, including ones the saved scheduler left at default
     proc = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(tiny_run), "--evaluation.rollout_steps", "12",
                            "--evaluation.late_window", "4", "--evaluation.renoise", "true", "--evaluation.eta", "0.0",
-                           "--evaluation.s_init", "2", "--evaluation.num_candidates", "3", "--evaluation.s_floor", "8"],
+                           "--evaluation.s_init", "2", "--evaluation.num_candidates", "3", "--evaluation.s_floor", "8",
+                           "--evaluation.thermalize_rounds", "2"],
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     changed = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert (changed["renoise"], changed["eta"], changed["s_init"], changed["num_candidates"], changed["s_floor"]) == (True, 0.0, 2, 3, 8)
     assert (results["renoise"], results["eta"], results["num_candidates"], results["s_floor"]) == (False, None, 1, None)
+    assert (changed["thermalize_rounds"], results["thermalize_rounds"]) == (2, 1)
+    # rounds are counted per fired step: 1 with one round, between 1 and 2 with two
+    assert results["rounds_mean_thermalizer"] == (1.0 if results["fire_rate_thermalizer"] > 0 else 0.0)
+    assert changed["fire_rate_thermalizer"] == 0 or 1.0 <= changed["rounds_mean_thermalizer"] <= 2.0
     assert changed["median_survival_emulator"] == results["median_survival_emulator"]  # same random numbers
 
 
@@ -600,6 +606,14 @@ def test_extend_benchmark_with_another_floor_keeps_the_emulator_arm(tiny_run, tm
     assert result["repeats_the_evaluation"] is False and result["survival_emulator"] == saved["survival_emulator"]
     proc, result_file = extend(saved["s_stop"] + 5, "no_candidates", "--candidates", "0")
     assert proc.returncode != 0 and "--candidates=0" in proc.stderr and ">= 1" in proc.stderr, proc.stderr
+    # --rounds: more thermalizations of a fired step, a new arm too
+    proc, result_file = extend(saved["s_stop"] + 5, "rounds", "--rounds", "2")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(result_file.read_text())
+    assert result["thermalize_rounds"] == 2 and result["changed_thresholds"] == ["s_floor", "thermalize_rounds"]
+    assert result["survival_emulator"] == saved["survival_emulator"]
+    proc, result_file = extend(saved["s_stop"] + 5, "no_rounds", "--rounds", "0")
+    assert proc.returncode != 0 and "--rounds=0" in proc.stderr and ">= 1" in proc.stderr, proc.stderr
     assert not result_file.exists()
 
 
@@ -628,6 +642,13 @@ def test_thresholds_benchmark_rows_do_not_depend_on_the_emulator_arm(tiny_run, t
     for key in ("survival", "fire_rate", "requantized_changes_mean", "spectrum_distance_late"):
         assert alone["pairs"][0][key] == full["pairs"][0][key], key
     assert full["pairs"][0]["survival_ratio"] == full["pairs"][0]["median_survival"] / max(full["emulator"]["median_survival"], 1.0)
+    # --rounds: the pipeline's thermalize_rounds in every row, counted per fired step
+    rounds = run("rounds", "--skip-emulator", "--rounds", "2")
+    assert rounds["thermalize_rounds"] == 2 and full["thermalize_rounds"] == 1
+    assert full["pairs"][0]["rounds_mean"] == (1.0 if full["pairs"][0]["fire_rate"] > 0 else 0.0)
+    assert rounds["pairs"][0]["fire_rate"] == 0 or 1.0 <= rounds["pairs"][0]["rounds_mean"] <= 2.0
+    refused = run("no_rounds", "--rounds", "0")
+    assert refused.returncode == 2 and "--rounds=0" in refused.stderr
 
 
 def test_large_scale_part_is_the_band_of_the_field_itself():

@@ -157,12 +157,15 @@ class KolmogorovDataArguments:
 def firing_statistics(output) -> dict:
     """How often a rollout output's thermalizer fired (``fire_rate``) and how many codes its re-quantization changed
     per step (``requantized_changes_mean``), over the steps each rollout ran (``steps_run``; not the steps after a
-    stop at ``s_max`` or an end, which have no state)."""
+    stop at ``s_max`` or an end, which have no state), and ``rounds_mean``, the thermalizations per fired step."""
     ran = (output.codes[:, 1:] >= 0).flatten(2).all(-1)  # (rollouts, steps)
     if not bool(ran.any()):
-        return {"fire_rate": 0.0, "requantized_changes_mean": 0.0, "steps_run": 0}
+        return {"fire_rate": 0.0, "requantized_changes_mean": 0.0, "rounds_mean": 0.0, "steps_run": 0}
+    fired = output.fired & ran
+    rounds = getattr(output, "rounds", None)
     return {"fire_rate": float(output.fired[ran].float().mean()),
             "requantized_changes_mean": float(output.requantized_changes[ran].float().mean()),
+            "rounds_mean": float(rounds[fired].float().mean()) if rounds is not None and bool(fired.any()) else 0.0,
             "steps_run": int(ran.sum())}
 
 
@@ -193,6 +196,9 @@ class ThermalizerEvalArguments:
     thermalizer_input: str = "sampled"  # or "expected": the emulator's expected embedding (see the pipeline)
     # thermalizations drawn per fired state; the classifier keeps the least noisy (the pipeline's num_candidates)
     num_candidates: int = 1
+    # at most this many thermalizations per fired step, while the classifier still reads the re-quantized grid above
+    # s_init (the pipeline's thermalize_rounds; 1: the paper's single round)
+    thermalize_rounds: int = 1
     seed: int = 0
     # one random stream per rollout (the pipeline's list of generators), seeded from `seed`: a rollout's draws do
     # not depend on the others (a stop beside it, a longer re-run that ends rollouts where they leave the range), and
@@ -222,6 +228,9 @@ class ThermalizerEvalArguments:
             raise ConfigError(f"evaluation.thermalizer_input={self.thermalizer_input!r} is invalid; allowed: sampled, expected")
         if self.num_candidates < 1:
             raise ConfigError(f"evaluation.num_candidates={self.num_candidates} must be >= 1")
+        if isinstance(self.thermalize_rounds, bool) or not isinstance(self.thermalize_rounds, int) or self.thermalize_rounds < 1:
+            raise ConfigError(f"evaluation.thermalize_rounds={self.thermalize_rounds!r} is invalid: expected an int >= 1 "
+                              "(1: one thermalization per fired step)")
         if self.initial_split not in ("test", "train"):
             raise ConfigError(f"evaluation.initial_split={self.initial_split!r} is invalid; allowed: test, train")
         if self.initial_frame < 0:
@@ -474,7 +483,8 @@ class ThermalizerTask(Task):
         for arm in ARMS:
             arms[arm] = pipe(initial, num_steps=ev.rollout_steps, thermalize=arm != "emulator", noise_control=arm == "noise_control",
                              temperature=ev.temperature, generator=self.rollout_generator(len(initial)), output_type="pt",
-                             thermalizer_input=ev.thermalizer_input, num_candidates=ev.num_candidates)
+                             thermalizer_input=ev.thermalizer_input, num_candidates=ev.num_candidates,
+                             thermalize_rounds=ev.thermalize_rounds)
         return arms
 
     @torch.no_grad()
@@ -606,6 +616,7 @@ class ThermalizerTask(Task):
             **{k: pipe.scheduler.config[k] for k in THRESHOLD_KEYS},
             "thermalizer_input": ev.thermalizer_input,
             "num_candidates": ev.num_candidates,
+            "thermalize_rounds": ev.thermalize_rounds,
             "survival_ranges": {k: list(v) for k, v in ranges.items()},
             "survival_ranges_raw_truth": {k: list(statistic_range(flow_statistics(train)[k], ev.range_margin)) for k in ranges},
             "spectrum_distance_vq_reconstruction": spectrum_distance(reconstructed_truth, test),
