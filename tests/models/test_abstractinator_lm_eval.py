@@ -126,12 +126,17 @@ def test_loglikelihood_rolling_sums_windows(model):
 
 def test_generation_new_part_matches_generate_bytes(model):
     lm = HierarchicalAELM(model=model)
+    new_bytes = []
     for context in ("the cat", "the dog sat on"):
         data, prompt = lm.generate_with_prompt_length(context, 6, do_sample=False)
         max_length = model.config.expander_max_length + 2 * len(context.encode())
         assert data == model.generate_bytes(context, max_new_codes=6, do_sample=False, max_length=max_length)
-        assert 0 < prompt < len(data)  # the prompt's reconstruction, then new bytes
+        assert 0 < prompt <= len(data)  # the prompt's reconstruction, then the new bytes
         assert lm.generate_new_bytes(context, 6, do_sample=False) == data[prompt:]
+        new_bytes.append(len(data) - prompt)
+    # the small model trained in the fixture may end a context's continuation at once (greedy decoding: which one
+    # depends on the machine's rounding), but not every context's
+    assert max(new_bytes) > 0, new_bytes
     # one new code is one more segment: only its bytes are new (the trained expander ends segments within 3 bytes)
     data, prompt = lm.generate_with_prompt_length("the cat", 1, do_sample=False)
     assert len(data) - prompt <= 3  # one segment of at most max_segment_length bytes
