@@ -286,23 +286,19 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                                                                     num_candidates, noise_control, h, w)
                     requantized = requantized.to(new.device)
                     done = fired_now.long()
-                    # further rounds for the fired states the classifier still reads above s_init (never stopped here)
-                    again = fired_now & ~stop.to(fired_now.device)
+                    # further rounds for the fired states the classifier still reads above s_init (fired excludes stops)
+                    active = fired_now.nonzero().flatten()
                     for _ in range(thermalize_rounds - 1):
-                        idx = again.nonzero().flatten()
-                        if not len(idx):
+                        if not len(active):
                             break
-                        embedded = self.vq_tokenizer.embed(requantized[idx.to(requantized.device)].view(-1, h, w))
+                        embedded = self.vq_tokenizer.embed(requantized[active.to(requantized.device)].view(-1, h, w))
                         resample = self.thermalizer.normalize(embedded.to(therm_device))
-                        relevel = self.thermalizer.predict_level(resample)
-                        more, more_fired, _ = self._thermalize(resample, relevel, select_generators(noise_generator, rows[idx.cpu()], num_candidates),
+                        more, more_fired, _ = self._thermalize(resample, self.thermalizer.predict_level(resample),
+                                                               select_generators(noise_generator, rows[active.cpu()], num_candidates),
                                                                num_candidates, noise_control, h, w)
-                        more_fired = more_fired.to(fired_now.device)
-                        hit = idx[more_fired]
-                        requantized[hit.to(requantized.device)] = more[more_fired.to(more.device)].to(requantized.device)
-                        done[hit] += 1
-                        again = torch.zeros_like(again)
-                        again[hit] = True
+                        active = active[more_fired.to(active.device)]
+                        requantized[active.to(requantized.device)] = more[more_fired.to(more.device)].to(requantized.device)
+                        done[active] += 1
                     rounds[rows, step] = done.cpu()
                     fired[rows, step] = fired_now.cpu()
                     changes[rows, step] = (requantized != new).sum(1).cpu()

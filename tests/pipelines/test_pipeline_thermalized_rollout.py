@@ -83,6 +83,27 @@ def streams(seed=0):
     return g, noise
 
 
+def thermalized_reference(pipe, x, level, seed, num_steps, rounds=1):
+    """The rollout written out: emulator draw -> (normalized embedding -> scheduler.thermalize at `level` ->
+    denormalize -> nearest code) `rounds` times, the noise from the pipeline's noise stream; `[(drawn, codes)]` per
+    step."""
+    g, noise = streams(seed)
+    vq, therm = pipe.vq_tokenizer, pipe.thermalizer
+    scheduler = ThermalizerScheduler(num_train_timesteps=T, s_init=S_INIT, s_stop=S_STOP, s_max=S_MAX)
+    steps = []
+    with torch.no_grad():
+        current = vq.encode(x[:, None]).flatten(1)
+        for _ in range(num_steps):
+            drawn = current = pipe.emulator.sample_next_frame(current, generator=g)
+            for _ in range(rounds):
+                sample = therm.normalize(vq.embed(current.view(len(x), 4, 4)))
+                step = scheduler.thermalize(therm, sample, generator=noise, levels=torch.full((len(x),), level))
+                assert bool(step.fired.all())
+                current = vq.quantize(therm.denormalize(step.sample)).flatten(1)
+            steps.append((drawn, current))
+    return steps
+
+
 # ------------------------------------------------------------------------------------------------ output layout
 def test_output_shapes_dtypes_and_frame_zero_is_the_tokenized_initial_condition():
     pipe = small_pipe(frame_scale=2.0)
@@ -198,19 +219,9 @@ def test_level_between_s_init_and_s_max_fires_and_is_the_scheduler_step_requanti
     assert out.stopped_at.tolist() == [-1, -1, -1]
     assert int(out.requantized_changes.sum()) > 0
     # reproduce: emulator draw -> normalized embedding -> scheduler.thermalize -> denormalize -> nearest code
-    g, noise = streams(6)
-    vq, therm = pipe.vq_tokenizer, pipe.thermalizer
-    scheduler = ThermalizerScheduler(num_train_timesteps=T, s_init=S_INIT, s_stop=S_STOP, s_max=S_MAX)
-    with torch.no_grad():
-        current = vq.encode(x[:, None]).flatten(1)
-        for k in range(3):
-            drawn = pipe.emulator.sample_next_frame(current, generator=g)
-            sample = therm.normalize(vq.embed(drawn.view(3, 4, 4)))
-            step = scheduler.thermalize(therm, sample, generator=noise, levels=torch.full((3,), level))
-            assert bool(step.fired.all())
-            current = vq.quantize(therm.denormalize(step.sample)).flatten(1)
-            assert torch.equal(out.codes[:, k + 1].flatten(1), current), k
-            assert torch.equal(out.requantized_changes[:, k], (current != drawn).sum(1)), k
+    for k, (drawn, current) in enumerate(thermalized_reference(pipe, x, level, seed=6, num_steps=3)):
+        assert torch.equal(out.codes[:, k + 1].flatten(1), current), k
+        assert torch.equal(out.requantized_changes[:, k], (current != drawn).sum(1)), k
     # the thermalized arm departs from the emulator alone
     alone = pipe(x, num_steps=3, thermalize=False, generator=gen(6))
     assert not torch.equal(out.codes[:, 1:], alone.codes[:, 1:])
@@ -428,20 +439,9 @@ def test_rounds_thermalize_a_fired_state_again_while_the_classifier_reads_it_abo
     out = pipe(x, num_steps=2, generator=gen(6), thermalize_rounds=3)
     assert out.rounds.tolist() == [[3, 3]] * 3 and bool(out.fired.all())
     # reproduce: draw -> (thermalize -> re-quantize -> embed) three times, the noise from the one noise stream
-    g, noise = streams(6)
-    vq, therm = pipe.vq_tokenizer, pipe.thermalizer
-    scheduler = ThermalizerScheduler(num_train_timesteps=T, s_init=S_INIT, s_stop=S_STOP, s_max=S_MAX)
-    with torch.no_grad():
-        current = vq.encode(x[:, None]).flatten(1)
-        for k in range(2):
-            drawn = pipe.emulator.sample_next_frame(current, generator=g)
-            current = drawn
-            for _ in range(3):
-                sample = therm.normalize(vq.embed(current.view(3, 4, 4)))
-                step = scheduler.thermalize(therm, sample, generator=noise, levels=torch.full((3,), level))
-                current = vq.quantize(therm.denormalize(step.sample)).flatten(1)
-            assert torch.equal(out.codes[:, k + 1].flatten(1), current), k
-            assert torch.equal(out.requantized_changes[:, k], (current != drawn).sum(1)), k
+    for k, (drawn, current) in enumerate(thermalized_reference(pipe, x, level, seed=6, num_steps=2, rounds=3)):
+        assert torch.equal(out.codes[:, k + 1].flatten(1), current), k
+        assert torch.equal(out.requantized_changes[:, k], (current != drawn).sum(1)), k
     one = pipe(x, num_steps=2, generator=gen(6))
     assert one.rounds.tolist() == [[1, 1]] * 3 and not torch.equal(one.codes, out.codes)
 

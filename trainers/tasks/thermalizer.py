@@ -162,10 +162,9 @@ def firing_statistics(output) -> dict:
     if not bool(ran.any()):
         return {"fire_rate": 0.0, "requantized_changes_mean": 0.0, "rounds_mean": 0.0, "steps_run": 0}
     fired = output.fired & ran
-    rounds = getattr(output, "rounds", None)
     return {"fire_rate": float(output.fired[ran].float().mean()),
             "requantized_changes_mean": float(output.requantized_changes[ran].float().mean()),
-            "rounds_mean": float(rounds[fired].float().mean()) if rounds is not None and bool(fired.any()) else 0.0,
+            "rounds_mean": float(output.rounds[fired].float().mean()) if output.rounds is not None and bool(fired.any()) else 0.0,
             "steps_run": int(ran.sum())}
 
 
