@@ -126,7 +126,8 @@ def apply_lora(stage: "Stage", model: torch.nn.Module, peft_args: PeftArguments)
 def match_lora_conv_padding(model: torch.nn.Module) -> int:
     """Give every LoRA ``lora_A`` convolution the padding mode of the convolution it adapts; returns how many changed.
 
-    peft builds ``lora_A`` with the base layer's kernel, stride and padding but always zero padding, so on a layer with
+    peft before 0.22 builds ``lora_A`` with the base layer's kernel, stride and padding but always zero padding (0.22
+    copies the padding mode, and then nothing changes here), so on a layer with
     ``padding_mode="circular"`` (the thermalizer's periodic domain) the unmerged adapter differs from the merged
     weights at the borders. With matching padding the adapter computes exactly what the merged export does. Call it
     after ``PeftModel.from_pretrained`` too."""
