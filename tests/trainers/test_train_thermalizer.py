@@ -2,6 +2,7 @@
 preparation, the three-arm evaluation (recomputed independently here), pipeline loading, Hub round trip, DeepSpeed."""
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -741,6 +742,36 @@ def test_drift_spectrum_benchmark_bins_every_state(tiny_run, tmp_path):
         assert abs(pooled - 1) < 1e-3, (k, pooled)
     proc = subprocess.run([*script, "--bins", "1", "0"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and "strictly increasing" in proc.stderr
+
+
+def test_measure_benchmark_rows_start_from_the_tokenizer_floor(tiny_run, tmp_path):
+    """benchmarks/thermalizer_measure.py: the clean grids are the floor row (no code changed); a level at or below
+    s_init fires nothing, so its row is the floor's exactly, one above it fires on every grid; the unconditional
+    and iterated rows are finite; a level outside the thermalizer's range is refused by name, writing nothing."""
+    config = json.loads((tiny_run / "scheduler" / "scheduler_config.json").read_text())
+    s_init, s_max = config["s_init"], config["s_max"]
+    result_file = tmp_path / "measure.json"
+    script = [sys.executable, str(REPO / "benchmarks" / "thermalizer_measure.py"), "--output-dir", str(tiny_run),
+              "--samples", "16", "--reference-frames", "64", "--sampling-steps", "4", "--iterations", "1", "2",
+              "--results-file", str(result_file)]
+    proc = subprocess.run([*script, "--levels", str(s_init), str(s_max)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(result_file.read_text())["rows"]
+    assert set(rows) == {"vq_reconstruction", "unconditional", f"thermalized_L{s_init}", f"thermalized_L{s_max}", "iterated_1", "iterated_2"}
+    floor = rows["vq_reconstruction"]
+    assert floor["codes_changed"] == 0.0
+    quiet, fired = rows[f"thermalized_L{s_init}"], rows[f"thermalized_L{s_max}"]
+    assert quiet["fired"] == 0.0 and {k: quiet[k] for k in floor} == floor
+    assert fired["fired"] == 1.0 and fired["level"] == s_max
+    assert rows["unconditional"]["steps"] == 4 and rows["unconditional"]["codes_changed"] > 0
+    for name, row in rows.items():
+        assert all(math.isfinite(row[k]) and row[k] >= 0 for k in ("spectrum_distance", "enstrophy_histogram_distance", "energy_ratio")), name
+    assert rows["iterated_2"]["rounds"] == 2 and 0 <= rows["iterated_2"]["fired"] <= 1
+    result_file.unlink()
+    top = config["num_train_timesteps"]
+    proc = subprocess.run([*script, "--levels", str(top)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and f"--levels [{top}]" in proc.stderr and "num_train_timesteps" in proc.stderr
+    assert not result_file.exists()
 
 
 def test_truth_survival_benchmark_continues_the_initial_conditions_with_the_solver(tiny_run, tmp_path):
