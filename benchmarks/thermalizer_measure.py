@@ -10,8 +10,8 @@ Rows (each decoded by the run's VQ tokenizer and compared with ``--reference-fra
 - ``unconditional``: the thermalizer as a generative model: diffusers' sampling loop (``set_timesteps`` /
   ``step``) from Gaussian noise at the top level down to level 0 in ``--sampling-steps`` steps, re-quantized. A
   thermalizer that knows the invariant measure gives grids with the floor's statistics.
-- ``thermalized_L{L}``: one thermalize step (the run's scheduler: ``s_stop``, strided steps, ``eta``...) of the clean
-  grids read at level ``L``, re-quantized: what the pipeline does to a state its classifier reads at ``L``. A rollout
+- ``thermalized_L{L}``: one thermalize step (the run's scheduler: ``s_stop``, strided steps, ``eta``...; ``--eta``,
+  ``--num-denoising-steps`` and ``--renoise`` change it) of the clean grids read at level ``L``, re-quantized: what the pipeline does to a state its classifier reads at ``L``. A rollout
   whose states read at ``L`` gets this correction on every fired step, so a bias here is one it compounds.
 - ``iterated_{n}``: the pipeline's step with an identity emulator, ``n`` times: each round the classifier reads the
   grid and the fired ones are thermalized and re-quantized (fire rate and mean level in the row).
@@ -33,6 +33,9 @@ import torch
 from common import machine, run_task, write_results
 
 
+RUN = object()  # --num-denoising-steps not given: the run's
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--output-dir", default="outputs/thermalizer_kolmogorov", help="a finished thermalizer run")
@@ -46,6 +49,13 @@ def main():
                              "of s_init..s_max, s_max)")
     parser.add_argument("--iterations", type=int, nargs="*", default=[1, 3, 10, 30],
                         help="rows of the iterated step after these many rounds")
+    parser.add_argument("--eta", type=float, default=None,
+                        help="the scheduler's eta (DDIM steps; 0 is deterministic) for the thermalize rows (default: the run's)")
+    parser.add_argument("--num-denoising-steps", type=lambda v: None if v.lower() == "none" else int(v), default=RUN,
+                        metavar="K", help="the scheduler's num_denoising_steps (an int, or none for one level per step; "
+                                          "default: the run's)")
+    parser.add_argument("--renoise", choices=("true", "false"), default=None,
+                        help="the scheduler's renoise (fresh noise at the read level first; default: the run's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--results-name", default="thermalizer_measure",
@@ -70,7 +80,15 @@ def main():
     task = run_task(out)
     pipe = ThermalizedRolloutPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
-    scheduler, thermalizer, vq = pipe.scheduler, pipe.thermalizer.eval(), pipe.vq_tokenizer.eval()
+    overrides = {k: v for k, v in (("eta", args.eta), ("renoise", None if args.renoise is None else args.renoise == "true"))
+                 if v is not None}
+    if args.num_denoising_steps is not RUN:
+        overrides["num_denoising_steps"] = args.num_denoising_steps
+    try:
+        scheduler = pipe.scheduler.with_config(**overrides) if overrides else pipe.scheduler
+    except ValueError as err:
+        parser.error(f"scheduler settings {overrides}: {err}")
+    thermalizer, vq = pipe.thermalizer.eval(), pipe.vq_tokenizer.eval()
     cfg = scheduler.config
     top = cfg.num_train_timesteps - 1
     levels = args.levels if args.levels is not None else [cfg.s_init, (cfg.s_init + cfg.s_max) // 2, cfg.s_max]
@@ -132,7 +150,8 @@ def main():
               f"{values['enstrophy_histogram_distance']:.4f}  energy ratio {values['energy_ratio']:.3f}  "
               f"codes changed {values['codes_changed']:.3f}")
     result = {"output_dir": str(out), "split": args.split, "samples": args.samples, "reference_frames": args.reference_frames,
-              "seed": args.seed, "thresholds": {k: cfg[k] for k in ("s_init", "s_stop", "s_max", "num_denoising_steps", "eta", "renoise", "s_floor")},
+              "seed": args.seed, "scheduler_overrides": overrides,
+              "thresholds": {k: scheduler.config[k] for k in ("s_init", "s_stop", "s_max", "num_denoising_steps", "eta", "renoise", "s_floor")},
               "num_train_timesteps": cfg.num_train_timesteps, "rows": rows, "seconds": seconds, "machine": machine()}
     print("wrote", write_results(args.results_name, result, args.results_file))
 

@@ -772,6 +772,17 @@ def test_measure_benchmark_rows_start_from_the_tokenizer_floor(tiny_run, tmp_pat
     proc = subprocess.run([*script, "--levels", str(top)], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 2 and f"--levels [{top}]" in proc.stderr and "num_train_timesteps" in proc.stderr
     assert not result_file.exists()
+    # scheduler settings for the thermalize rows; no unconditional or iterated rows when asked for none
+    proc = subprocess.run([*script, "--levels", str(s_max), "--sampling-steps", "0", "--iterations", "--eta", "0",
+                           "--num-denoising-steps", "none"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(result_file.read_text())
+    assert set(result["rows"]) == {"vq_reconstruction", f"thermalized_L{s_max}"}
+    assert result["scheduler_overrides"] == {"eta": 0.0, "num_denoising_steps": None}
+    assert result["thresholds"]["eta"] == 0.0 and result["thresholds"]["num_denoising_steps"] is None
+    result_file.unlink()
+    proc = subprocess.run([*script, "--eta", "-1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "eta" in proc.stderr and not result_file.exists()
 
 
 def test_truth_survival_benchmark_continues_the_initial_conditions_with_the_solver(tiny_run, tmp_path):
