@@ -28,7 +28,7 @@ demo: install
 	@cat outputs/demo/eval_results.json
 
 test: install
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=15 $(PYTEST_ARGS)
 
 test-slow: install
 	$(PY) -m pytest -q -ra -m slow $(PYTEST_ARGS)
