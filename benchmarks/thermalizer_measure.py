@@ -75,6 +75,7 @@ def main():
     from hf_models.metrics.rollout_stability import flow_statistics, histogram_distance, spectrum_distance
     from hf_models.pipelines import ThermalizedRolloutPipeline
     from hf_models.schedulers import ThermalizerScheduler
+    from trainers.tasks.thermalizer import THRESHOLD_KEYS
 
     out = Path(args.output_dir)
     task = run_task(out)
@@ -151,7 +152,7 @@ def main():
               f"codes changed {values['codes_changed']:.3f}")
     result = {"output_dir": str(out), "split": args.split, "samples": args.samples, "reference_frames": args.reference_frames,
               "seed": args.seed, "scheduler_overrides": overrides,
-              "thresholds": {k: scheduler.config[k] for k in ("s_init", "s_stop", "s_max", "num_denoising_steps", "eta", "renoise", "s_floor")},
+              "thresholds": {k: scheduler.config[k] for k in THRESHOLD_KEYS},
               "num_train_timesteps": cfg.num_train_timesteps, "rows": rows, "seconds": seconds, "machine": machine()}
     print("wrote", write_results(args.results_name, result, args.results_file))
 
