@@ -89,6 +89,7 @@ def main():
         scheduler = pipe.scheduler.with_config(**overrides) if overrides else pipe.scheduler
     except ValueError as err:
         parser.error(f"scheduler settings {overrides}: {err}")
+    pipe.scheduler = scheduler  # the thermalize rows are the pipeline's step with these settings
     thermalizer, vq = pipe.thermalizer.eval(), pipe.vq_tokenizer.eval()
     cfg = scheduler.config
     top = cfg.num_train_timesteps - 1
@@ -133,14 +134,12 @@ def main():
             rows["unconditional"] = row(quantize(x), from_level=int(sampler.timesteps[0]), steps=args.sampling_steps)
             seconds["unconditional"] = time.perf_counter() - start
         for level in levels:
-            out_ = scheduler.thermalize(thermalizer, clean, generator=generator, levels=torch.full((len(clean),), level))
-            codes = torch.where(out_.fired.cpu().view(-1, 1, 1), quantize(out_.sample), clean_codes)
-            rows[f"thermalized_L{level}"] = row(codes, level=level, fired=float(out_.fired.float().mean()))
+            out_ = pipe.thermalize_codes(clean_codes, levels=level, generator=generator)
+            rows[f"thermalized_L{level}"] = row(out_.codes, level=level, fired=float(out_.fired.float().mean()))
         codes = clean_codes.clone()
         for n in range(1, max(args.iterations, default=0) + 1):
-            sample = thermalizer.normalize(vq.embed(codes.to(vq.device)).to(thermalizer.device))
-            out_ = scheduler.thermalize(thermalizer, sample, generator=generator)
-            codes = torch.where(out_.fired.cpu().view(-1, 1, 1), quantize(out_.sample), codes)
+            out_ = pipe.thermalize_codes(codes, generator=generator)
+            codes = out_.codes
             if n in args.iterations:
                 rows[f"iterated_{n}"] = row(codes, rounds=n, fired=float(out_.fired.float().mean()),
                                             level_mean=float(out_.levels.float().mean()),

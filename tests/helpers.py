@@ -92,3 +92,72 @@ def run_without_latentheat(tmp_path, script, inputs, timeout=300):
     if result.returncode != 0:
         raise AssertionError(f"the script failed ({result.returncode}):\n{result.stderr[-3000:]}")
     return load_file(tmp_path / "out.safetensors")
+
+
+
+def _in_process(argv, call):
+    """Run ``call()`` as the command ``argv`` would run in a fresh interpreter, from the repository root: ``sys.argv``
+    is ``argv``, an int returned or a ``SystemExit`` is the exit status (a message goes to stderr with status 1), an
+    uncaught exception its traceback with status 1. ``sys.argv``, ``sys.path``, the working folder and torch's thread
+    count are restored after. Returns a ``subprocess.CompletedProcess`` with the captured stdout and stderr."""
+    import contextlib
+    import io
+    import subprocess
+    import sys
+    import traceback
+    from pathlib import Path
+
+    import torch
+
+    repo = Path(__file__).resolve().parents[1]
+    saved_argv, saved_path, threads = sys.argv, list(sys.path), torch.get_num_threads()
+    out, err = io.StringIO(), io.StringIO()
+    sys.argv = list(argv)
+    try:
+        with contextlib.chdir(repo), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = call()
+                returncode = code if isinstance(code, int) else 0
+            except SystemExit as exit_:
+                if exit_.code is None or isinstance(exit_.code, int):
+                    returncode = exit_.code or 0
+                else:
+                    print(exit_.code, file=sys.stderr)
+                    returncode = 1
+            except Exception:  # noqa: BLE001 - what the interpreter would print before exiting with 1
+                traceback.print_exc()
+                returncode = 1
+    finally:
+        sys.argv, sys.path[:] = saved_argv, saved_path
+        torch.set_num_threads(threads)
+    return subprocess.CompletedProcess(argv, returncode, out.getvalue(), err.getvalue())
+
+
+def run_benchmark(name, *args):
+    """``python benchmarks/NAME.py ARGS`` in this interpreter, not a fresh one (the imports of torch, transformers and
+    diffusers cost seconds per process, and the thermalizer's tests run these scripts a few dozen times), with
+    ``benchmarks/`` first on ``sys.path`` as for the command. See ``_in_process``."""
+    import runpy
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    if not script.is_file():
+        raise FileNotFoundError(script)
+
+    def call():
+        sys.path.insert(0, str(script.parent))
+        runpy.run_path(str(script), run_name="__main__")
+
+    return _in_process([str(script), *map(str, args)], call)
+
+
+def run_entry_point(module, *args):
+    """``python -m MODULE ARGS`` for a module with ``main(argv) -> int`` (``trainers.evaluate``...), in this
+    interpreter. The tests that start the command itself in a fresh process keep doing so; this is for the further
+    calls of one test. See ``_in_process``."""
+    import importlib
+
+    main = importlib.import_module(module).main
+    argv = [str(a) for a in args]
+    return _in_process([module, *argv], lambda: main(argv))

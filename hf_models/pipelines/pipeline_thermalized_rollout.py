@@ -45,6 +45,23 @@ class ThermalizedRolloutOutput(BaseOutput):
     rounds: Optional[torch.Tensor] = None
 
 
+@dataclass
+class ThermalizeCodesOutput(BaseOutput):
+    """
+    Args:
+        codes (`torch.LongTensor` of shape `(B, h, w)`): the code grids after one thermalization and re-quantization;
+            a grid that did not fire (read at or below `s_init`, or above `s_max`) keeps its own codes.
+        levels (`torch.LongTensor` of shape `(B,)`): the level each grid was read at (the classifier's, or the given).
+        fired (`torch.BoolTensor` of shape `(B,)`): whether the grid was thermalized.
+        stopped (`torch.BoolTensor` of shape `(B,)`): whether the grid read above `s_max` (a rollout would stop there).
+    """
+
+    codes: torch.Tensor
+    levels: torch.Tensor
+    fired: torch.Tensor
+    stopped: torch.Tensor
+
+
 class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
     r"""
     Autoregressive rollout of a token-space emulator, stabilised by a thermalizer in the codebook's embedding space.
@@ -157,6 +174,56 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
             if len(chosen):
                 requantized[chosen] = self._select_candidate(grouped[chosen].flatten(0, 1), num_candidates, h, w)
         return requantized, fired, stop
+
+    @torch.no_grad()
+    def thermalize_codes(self, codes: torch.LongTensor, levels: Optional[torch.Tensor] = None, generator=None,
+                         num_candidates: int = 1, noise_control: bool = False) -> ThermalizeCodesOutput:
+        r"""
+        One thermalization of code grids, the correction a rollout step applies to the emulator's output: codebook
+        lookup, the classifier's level (or `levels`), the scheduler's `thermalize` step for the grids read above
+        `s_init`, re-quantization.
+
+        Args:
+            codes (`torch.LongTensor` of shape `(B, h, w)`): code grids of the tokenizer's latent size.
+            levels (`torch.LongTensor` of shape `(B,)` or an `int`, *optional*): the levels the grids are read at
+                (`0 .. num_train_timesteps - 1`); by default the thermalizer's classifier reads them.
+            generator (`torch.Generator` or `List[torch.Generator]`, *optional*): the DDPM noise; a list holds one
+                generator per grid.
+            num_candidates (`int`, defaults to 1): thermalizations per fired grid; the one the classifier reads as the
+                least noisy is kept (as in `__call__`).
+            noise_control (`bool`, defaults to `False`): the noise-only control's step instead.
+
+        Returns:
+            [`ThermalizeCodesOutput`]: the new codes, the levels read, and which grids fired or would stop.
+        """
+        codes = torch.as_tensor(codes)
+        n = self.vq_tokenizer.config.latent_size
+        if codes.dim() != 3 or tuple(codes.shape[-2:]) != (n, n) or codes.dtype != torch.long:
+            raise ValueError(f"codes must be a LongTensor of shape (batch, {n}, {n}) (the tokenizer's latent grid), got "
+                             f"{codes.dtype} of shape {tuple(codes.shape)}")
+        size = self.vq_tokenizer.config.codebook_size
+        if len(codes) and (codes.min() < 0 or codes.max() >= size):
+            raise ValueError(f"codes must lie in [0, {size - 1}] (the codebook), got [{int(codes.min())}, {int(codes.max())}]")
+        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
+            raise ValueError(f"num_candidates={num_candidates!r} is invalid: expected an int >= 1")
+        if isinstance(generator, (list, tuple)) and len(generator) != len(codes):
+            raise ValueError(f"got a list of {len(generator)} generators for {len(codes)} code grids: expected one per grid")
+        self.check_components()
+        embedded = self.vq_tokenizer.embed(codes.to(self.vq_tokenizer.device))
+        sample = self.thermalizer.normalize(embedded.to(self.thermalizer.device))
+        if levels is None:
+            levels = self.thermalizer.predict_level(sample)
+        else:
+            top = self.scheduler.config.num_train_timesteps - 1
+            levels = torch.as_tensor(levels, dtype=torch.long).expand(len(codes)).to(sample.device)
+            if len(levels) and (levels.min() < 0 or levels.max() > top):
+                raise ValueError(f"levels must lie in [0, {top}] (num_train_timesteps - 1), got "
+                                 f"[{int(levels.min())}, {int(levels.max())}]")
+        requantized, fired, stopped = self._thermalize(sample, levels, select_generators(generator, range(len(codes)), num_candidates),
+                                                       num_candidates, noise_control, n, n)
+        fired = fired.cpu()
+        new = torch.where(fired[:, None], requantized.cpu(), codes.flatten(1).cpu()).view(-1, n, n)
+        return ThermalizeCodesOutput(codes=new, levels=levels.cpu(), fired=fired, stopped=stopped.cpu())
 
     @torch.no_grad()
     def __call__(
@@ -291,13 +358,11 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                     for _ in range(thermalize_rounds - 1):
                         if not len(active):
                             break
-                        embedded = self.vq_tokenizer.embed(requantized[active.to(requantized.device)].view(-1, h, w))
-                        resample = self.thermalizer.normalize(embedded.to(therm_device))
-                        more, more_fired, _ = self._thermalize(resample, self.thermalizer.predict_level(resample),
-                                                               select_generators(noise_generator, rows[active.cpu()], num_candidates),
-                                                               num_candidates, noise_control, h, w)
-                        active = active[more_fired.to(active.device)]
-                        requantized[active.to(requantized.device)] = more[more_fired.to(more.device)].to(requantized.device)
+                        more = self.thermalize_codes(requantized[active.to(requantized.device)].view(-1, h, w),
+                                                     generator=select_generators(noise_generator, rows[active.cpu()]),
+                                                     num_candidates=num_candidates, noise_control=noise_control)
+                        active = active[more.fired.to(active.device)]
+                        requantized[active.to(requantized.device)] = more.codes[more.fired].flatten(1).to(requantized.device)
                         done[active] += 1
                     rounds[rows, step] = done.cpu()
                     fired[rows, step] = fired_now.cpu()
@@ -337,4 +402,4 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                                         requantized_changes=changes, stopped_at=stopped_at, ended_at=ended_at, rounds=rounds)
 
 
-__all__ = ["ThermalizedRolloutOutput", "ThermalizedRolloutPipeline"]
+__all__ = ["ThermalizeCodesOutput", "ThermalizedRolloutOutput", "ThermalizedRolloutPipeline"]

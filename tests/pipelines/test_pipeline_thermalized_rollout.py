@@ -472,6 +472,48 @@ def test_rounds_stop_where_the_classifier_reads_the_grid_clean(monkeypatch):
     assert not torch.equal(out.codes[0], single.codes[0]) and not torch.equal(out.codes[2], single.codes[2])
 
 
+def test_thermalize_codes_is_one_corrected_step_of_the_rollout():
+    """`thermalize_codes` is the correction a rollout step applies: the scheduler's step from the classifier's level
+    (or a given one), re-quantized, with unfired and stopped grids returned as they were."""
+    level = 10
+    pipe = small_pipe()
+    force_level(pipe, level)
+    vq, therm = pipe.vq_tokenizer, pipe.thermalizer
+    codes = vq.encode(frames(3, seed=4)[:, None])
+    out = pipe.thermalize_codes(codes, generator=gen(3))
+    assert out.levels.tolist() == [level] * 3 and out.fired.all() and not out.stopped.any()
+    with torch.no_grad():
+        step = pipe.scheduler.thermalize(therm, therm.normalize(vq.embed(codes)), generator=gen(3),
+                                         levels=torch.full((3,), level))
+        expected = vq.quantize(therm.denormalize(step.sample))
+    assert torch.equal(out.codes, expected) and not torch.equal(out.codes, codes)
+    # a given level overrides the classifier: at s_init nothing fires, above s_max every grid would stop
+    for given, fired, stopped in ((S_INIT, False, False), (S_MAX + 1, False, True)):
+        kept = pipe.thermalize_codes(codes, levels=given, generator=gen(3))
+        assert kept.levels.tolist() == [given] * 3 and torch.equal(kept.codes, codes)
+        assert kept.fired.tolist() == [fired] * 3 and kept.stopped.tolist() == [stopped] * 3
+    # one generator per grid: a grid's correction does not depend on the others in the batch
+    each = pipe.thermalize_codes(codes, generator=[gen(20), gen(21), gen(22)])
+    alone = pipe.thermalize_codes(codes[1:2], generator=[gen(21)])
+    assert torch.equal(each.codes[1:2], alone.codes)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(codes=torch.zeros(2, 3, 3, dtype=torch.long)), r"shape \(batch, 4, 4\)"),
+        (dict(codes=torch.zeros(2, 4, 4)), "LongTensor"),
+        (dict(codes=torch.full((2, 4, 4), 32)), r"\[0, 31\]"),
+        (dict(codes=torch.zeros(2, 4, 4, dtype=torch.long), levels=T), r"levels must lie in \[0, 19\]"),
+        (dict(codes=torch.zeros(2, 4, 4, dtype=torch.long), generator=[None]), "one per grid"),
+        (dict(codes=torch.zeros(2, 4, 4, dtype=torch.long), num_candidates=0), "num_candidates=0"),
+    ],
+)
+def test_thermalize_codes_refuses_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        small_pipe().thermalize_codes(**kwargs)
+
+
 @pytest.mark.parametrize("bad", [0, -1, 2.0, True])
 def test_bad_thermalize_rounds(bad):
     with pytest.raises(ValueError, match="thermalize_rounds"):

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import run_entry_point
+
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "experiments" / "code_image_mnist_tiny.yaml")
 
@@ -271,9 +273,9 @@ def test_evaluate_cli_reevaluates_a_finished_run(tiny_run, tmp_path):
     assert printed["evaluation/guidance_scale"] == 2.0 and 0.0 <= printed["class_accuracy"] <= 1.0
     after = json.loads((run / "eval_results.json").read_text())
     assert after["class_accuracy"] == printed["class_accuracy"] and after["bits_per_code"] == before["bits_per_code"]
-    bad = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(run), "--evaluation.guidance", "2.0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    bad = run_entry_point("trainers.evaluate", run, "--evaluation.guidance", "2.0")
     assert bad.returncode == 2 and "evaluation.guidance" in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    missing = run_entry_point("trainers.evaluate", tmp_path / "nope")
     assert missing.returncode == 2 and "not a finished run" in missing.stderr
 
 

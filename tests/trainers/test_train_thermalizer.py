@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import train, train_history
+from tests.helpers import run_benchmark, run_entry_point, train, train_history
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "experiments" / "thermalizer_kolmogorov_tiny.yaml")
@@ -240,20 +240,17 @@ def test_evaluate_cli_reevaluates_with_another_rollout_length(tiny_run):
     assert results["initial_split"] == "test" and results["initial_frame"] == 0
 
     # the tuning split: rollouts from training trajectories at a later frame, compared with their own truth
-    proc = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(tiny_run), "--evaluation.rollout_steps", "12",
-                           "--evaluation.late_window", "4", "--evaluation.initial_split", "train",
-                           "--evaluation.initial_frame", "6"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_entry_point("trainers.evaluate", tiny_run, "--evaluation.rollout_steps", "12", "--evaluation.late_window", "4",
+                           "--evaluation.initial_split", "train", "--evaluation.initial_frame", "6")
     assert proc.returncode == 0, proc.stderr[-3000:]
     tuned = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert tuned["initial_split"] == "train" and tuned["initial_frame"] == 6
     assert tuned["short_term_correlation_emulator"] != results["short_term_correlation_emulator"]
 
     # the thermalize step's settings are evaluation overrides too, including ones the saved scheduler left at default
-    proc = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(tiny_run), "--evaluation.rollout_steps", "12",
-                           "--evaluation.late_window", "4", "--evaluation.renoise", "true", "--evaluation.eta", "0.0",
-                           "--evaluation.s_init", "2", "--evaluation.num_candidates", "3", "--evaluation.s_floor", "8",
-                           "--evaluation.thermalize_rounds", "2"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = run_entry_point("trainers.evaluate", tiny_run, "--evaluation.rollout_steps", "12", "--evaluation.late_window", "4",
+                           "--evaluation.renoise", "true", "--evaluation.eta", "0.0", "--evaluation.s_init", "2",
+                           "--evaluation.num_candidates", "3", "--evaluation.s_floor", "8", "--evaluation.thermalize_rounds", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     changed = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert (changed["renoise"], changed["eta"], changed["s_init"], changed["num_candidates"], changed["s_floor"]) == (True, 0.0, 2, 3, 8)
@@ -531,9 +528,8 @@ def test_extend_benchmark_repeats_the_evaluation_or_refuses(tiny_run, tmp_path):
     saved = json.loads((tiny_run / "eval_results.json").read_text())
     steps = saved["rollout_steps"] + 10
     result_file = tmp_path / "extend.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(tiny_run),
-                           "--steps", str(steps), "--results-file", str(result_file)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("thermalizer_extend", "--output-dir", str(tiny_run),
+                         "--steps", str(steps), "--results-file", str(result_file))
     if max(saved["survival_emulator"]) >= saved["rollout_steps"]:
         assert proc.returncode != 0 and "still in range" in proc.stderr, proc.stderr
         assert not result_file.exists()
@@ -547,8 +543,8 @@ def test_extend_benchmark_repeats_the_evaluation_or_refuses(tiny_run, tmp_path):
     assert result["survival_ratio"] == result["median_survival_thermalizer"] / max(result["median_survival_emulator"], 1.0)
     assert result["survival_thermalizer"] == [min(a, b) for a, b in zip(result["survival_thermalizer_energy"], result["survival_thermalizer_enstrophy"])]
     # at the evaluation's own length the arm is the evaluation's, so are its late-window statistics
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(tiny_run),
-                           "--steps", str(n), "--results-file", str(result_file)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("thermalizer_extend", "--output-dir", str(tiny_run),
+                         "--steps", str(n), "--results-file", str(result_file))
     assert proc.returncode == 0, proc.stderr
     same = json.loads(result_file.read_text())
     assert same["late_window"] == 10  # the tiny file's evaluation.late_window
@@ -569,9 +565,9 @@ def test_extend_benchmark_at_the_evaluations_length_takes_an_emulator_arm_still_
         copy = tmp_path / "eval.json"
         copy.write_text(json.dumps({**saved, "survival_emulator": emulator}))
         result_file = tmp_path / f"extend_{steps}.json"
-        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(tiny_run),
-                               "--steps", str(steps), "--eval-results", str(copy), "--candidates", "2",
-                               "--results-file", str(result_file)], cwd=REPO, capture_output=True, text=True, timeout=600)
+        proc = run_benchmark("thermalizer_extend", "--output-dir", str(tiny_run),
+                             "--steps", str(steps), "--eval-results", str(copy), "--candidates", "2",
+                             "--results-file", str(result_file))
         return proc, result_file
 
     # more than half of the rollouts still in range: the lower median is one of them, so it is not known past n
@@ -607,9 +603,9 @@ def test_extend_benchmark_with_another_floor_keeps_the_emulator_arm(tiny_run, tm
 
     def extend(floor, name, *extra):
         result_file = tmp_path / f"{name}.json"
-        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(tiny_run),
-                               "--steps", str(saved["rollout_steps"] + 5), "--eval-results", str(copy), "--s-floor", str(floor),
-                               "--results-file", str(result_file), *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+        proc = run_benchmark("thermalizer_extend", "--output-dir", str(tiny_run),
+                             "--steps", str(saved["rollout_steps"] + 5), "--eval-results", str(copy), "--s-floor", str(floor),
+                             "--results-file", str(result_file), *extra)
         return proc, result_file
 
     proc, result_file = extend(saved["s_stop"] + 5, "floor")
@@ -648,9 +644,9 @@ def test_thresholds_benchmark_rows_do_not_depend_on_the_emulator_arm(tiny_run, t
     emulator out twice; without the emulator arm there is no ratio, and without either there is nothing to run."""
     def run(name, *extra, pairs=("5:2",)):
         result_file = tmp_path / f"{name}.json"
-        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_thresholds.py"), "--output-dir", str(tiny_run),
-                               "--initial-conditions", "4", "--initial-frame", "2", "--steps", "12", "--pairs", *pairs,
-                               "--results-file", str(result_file), *extra], cwd=REPO, capture_output=True, text=True, timeout=600)
+        proc = run_benchmark("thermalizer_thresholds", "--output-dir", str(tiny_run),
+                             "--initial-conditions", "4", "--initial-frame", "2", "--steps", "12", "--pairs", *pairs,
+                             "--results-file", str(result_file), *extra)
         if proc.returncode != 0:
             assert not result_file.exists()
             return proc
@@ -746,9 +742,9 @@ def test_drift_spectrum_benchmark_bins_every_state(tiny_run, tmp_path):
     from datasets import load_from_disk
 
     result_file = tmp_path / "drift.json"
-    script = [sys.executable, str(REPO / "benchmarks" / "thermalizer_drift_spectrum.py"), "--output-dir", str(tiny_run),
+    script = ["--output-dir", str(tiny_run),
               "--shells", "4", "--results-file", str(result_file)]
-    proc = subprocess.run([*script, "--bins", "0", "1", "2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("thermalizer_drift_spectrum", *script, "--bins", "0", "1", "2")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(result_file.read_text())
     drifted = len(load_from_disk(str(tiny_run / "embeddings" / "drifted")))
@@ -759,7 +755,7 @@ def test_drift_spectrum_benchmark_bins_every_state(tiny_run, tmp_path):
     for k in range(4):
         pooled = sum(r["ratio"][k] * r["count"] for r in truth) / counts["truth"]
         assert abs(pooled - 1) < 1e-3, (k, pooled)
-    proc = subprocess.run([*script, "--bins", "1", "0"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("thermalizer_drift_spectrum", *script, "--bins", "1", "0")
     assert proc.returncode != 0 and "strictly increasing" in proc.stderr
 
 
@@ -770,10 +766,10 @@ def test_measure_benchmark_rows_start_from_the_tokenizer_floor(tiny_run, tmp_pat
     config = json.loads((tiny_run / "scheduler" / "scheduler_config.json").read_text())
     s_init, s_max = config["s_init"], config["s_max"]
     result_file = tmp_path / "measure.json"
-    script = [sys.executable, str(REPO / "benchmarks" / "thermalizer_measure.py"), "--output-dir", str(tiny_run),
+    script = ["--output-dir", str(tiny_run),
               "--samples", "16", "--reference-frames", "64", "--sampling-steps", "4", "--iterations", "1", "2",
               "--results-file", str(result_file)]
-    proc = subprocess.run([*script, "--levels", str(s_init), str(s_max)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("thermalizer_measure", *script, "--levels", str(s_init), str(s_max))
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(result_file.read_text())["rows"]
     assert set(rows) == {"vq_reconstruction", "unconditional", f"thermalized_L{s_init}", f"thermalized_L{s_max}", "iterated_1", "iterated_2"}
@@ -788,19 +784,19 @@ def test_measure_benchmark_rows_start_from_the_tokenizer_floor(tiny_run, tmp_pat
     assert rows["iterated_2"]["rounds"] == 2 and 0 <= rows["iterated_2"]["fired"] <= 1
     result_file.unlink()
     top = config["num_train_timesteps"]
-    proc = subprocess.run([*script, "--levels", str(top)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("thermalizer_measure", *script, "--levels", str(top))
     assert proc.returncode == 2 and f"--levels [{top}]" in proc.stderr and "num_train_timesteps" in proc.stderr
     assert not result_file.exists()
     # scheduler settings for the thermalize rows; no unconditional or iterated rows when asked for none
-    proc = subprocess.run([*script, "--levels", str(s_max), "--sampling-steps", "0", "--iterations", "--eta", "0",
-                           "--num-denoising-steps", "none"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("thermalizer_measure", *script, "--levels", str(s_max), "--sampling-steps", "0", "--iterations", "--eta", "0",
+                         "--num-denoising-steps", "none")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(result_file.read_text())
     assert set(result["rows"]) == {"vq_reconstruction", f"thermalized_L{s_max}"}
     assert result["scheduler_overrides"] == {"eta": 0.0, "num_denoising_steps": None}
     assert result["thresholds"]["eta"] == 0.0 and result["thresholds"]["num_denoising_steps"] is None
     result_file.unlink()
-    proc = subprocess.run([*script, "--eta", "-1"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("thermalizer_measure", *script, "--eta", "-1")
     assert proc.returncode == 2 and "eta" in proc.stderr and not result_file.exists()
 
 
@@ -821,8 +817,8 @@ def test_truth_survival_benchmark_continues_the_initial_conditions_with_the_solv
     torch.testing.assert_close(continued[:, : len(stored[0])], stored, rtol=1e-3, atol=1e-3)
 
     result_file = tmp_path / "truth.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_truth_survival.py"), "--output-dir", str(tiny_run),
-                           "--steps", str(steps), "--results-file", str(result_file)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("thermalizer_truth_survival", "--output-dir", str(tiny_run),
+                         "--steps", str(steps), "--results-file", str(result_file))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(result_file.read_text())
     assert result["median_survival_emulator"] == float(torch.tensor(saved["survival_emulator"]).float().median())
@@ -839,11 +835,11 @@ def test_truth_survival_benchmark_continues_the_initial_conditions_with_the_solv
     assert all(0 <= v <= steps for v in result["survival_truth_pooled"])
     assert result["truth_to_emulator_ratio"] == result["median_survival_truth_represented"] / max(result["median_survival_emulator"], 1.0)
 
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_truth_survival.py"), "--output-dir", str(tiny_run),
-                           "--steps", "0"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("thermalizer_truth_survival", "--output-dir", str(tiny_run),
+                         "--steps", "0")
     assert proc.returncode != 0 and "--steps=0 must be >= 1" in proc.stderr
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_truth_survival.py"), "--output-dir", str(tmp_path),
-                           "--steps", "3"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("thermalizer_truth_survival", "--output-dir", str(tmp_path),
+                         "--steps", "3")
     assert proc.returncode != 0 and "is not a finished run" in proc.stderr
 
 
@@ -854,9 +850,8 @@ def test_extend_benchmark_stop_on_exit_ends_rollouts_where_they_leave_and_the_ar
     n = saved["rollout_steps"]
     assert max(saved["survival_emulator"]) < n, saved["survival_emulator"]
     result_file = tmp_path / "stop_on_exit.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(tiny_run),
-                           "--steps", str(n + 20), "--stop-on-exit", "--results-file", str(result_file)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("thermalizer_extend", "--output-dir", str(tiny_run),
+                         "--steps", str(n + 20), "--stop-on-exit", "--results-file", str(result_file))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(result_file.read_text())
     survival, bounds = result["survival_thermalizer"], result["survival_thermalizer_lower_bounds"]
@@ -899,8 +894,7 @@ def test_extend_benchmark_with_one_generator_per_rollout_repeats_the_evaluation_
     config["evaluation"]["generator_per_rollout"] = True
     config["training"]["output_dir"] = str(run)
     (run / "config.yaml").write_text(yaml.safe_dump(config))
-    proc = subprocess.run([sys.executable, "-m", "trainers.evaluate", str(run), "--evaluation.truth_arm", "false", "--write"],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_entry_point("trainers.evaluate", run, "--evaluation.truth_arm", "false", "--write")
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((run / "eval_results.json").read_text())
     old = json.loads((tiny_run / "eval_results.json").read_text())
@@ -909,9 +903,8 @@ def test_extend_benchmark_with_one_generator_per_rollout_repeats_the_evaluation_
     assert saved["survival_emulator"] != old["survival_emulator"] or saved["survival_thermalizer"] != old["survival_thermalizer"]
     n = saved["rollout_steps"]
     result_file = tmp_path / "per_rollout.json"
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "thermalizer_extend.py"), "--output-dir", str(run),
-                           "--steps", str(n), "--stop-on-exit", "--results-file", str(result_file)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = run_benchmark("thermalizer_extend", "--output-dir", str(run),
+                         "--steps", str(n), "--stop-on-exit", "--results-file", str(result_file))
     assert proc.returncode == 0, proc.stderr
     result = json.loads(result_file.read_text())
     assert result["repeats_the_evaluation"] is True and result["changed_thresholds"] == []
