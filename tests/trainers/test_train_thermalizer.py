@@ -412,6 +412,50 @@ def test_corruption_target_explains_the_grid_as_a_level_t_sample():
     assert torch.allclose(noisy_u, noisy_s / abar.sqrt(), atol=1e-5)
 
 
+def test_noise_loss_without_the_substituted_grids():
+    """data.codebook_substitution_noise_loss false: the noise loss is the MSE over the grids that were not picked for
+    substitutions (Gaussian noise of the true grids) and the level loss keeps every grid; true is the model's own
+    loss. A config with no substitutions to leave out is refused."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from hf_models.schedulers import ThermalizerScheduler
+    from hf_models.thermalizer import ThermalizerConfig, ThermalizerModel
+    from trainers.arguments import ConfigError
+    from trainers.tasks.thermalizer import KolmogorovDataArguments, ThermalizerStage
+
+    torch.manual_seed(0)
+    model = ThermalizerModel(ThermalizerConfig(in_channels=3, sample_size=4, block_out_channels=[8, 16], layers_per_block=1,
+                                               norm_num_groups=4, num_train_timesteps=50, level_loss_weight=0.3))
+    with torch.no_grad():
+        model.conv_out.weight.normal_(0, 0.1)
+    model.requires_grad_(False)  # the losses are compared as numbers here
+    gen = torch.Generator().manual_seed(1)
+    codebook = torch.randn(16, 3, generator=gen)
+    stage = ThermalizerStage.__new__(ThermalizerStage)
+    args = SimpleNamespace(codebook_substitution=0.5, codebook_substitution_noise=False, codebook_substitution_scaled=False,
+                           codebook_substitution_noise_loss=False, emulator_pairs=0.0, large_scale_perturbation=0.0)
+    stage.task = SimpleNamespace(scheduler=ThermalizerScheduler(num_train_timesteps=50, s_max=40), data_args=args)
+    stage.normalized_codebook = lambda inner: codebook
+    batch = {"embedding": codebook[torch.randint(0, 16, (64, 4, 4), generator=gen)].permute(0, 3, 1, 2)}
+
+    noisy, noise, t, picked = stage.corrupt(model, model.normalize(batch["embedding"]), torch.Generator().manual_seed(3),
+                                            return_substituted=True)
+    assert 0 < int(picked.sum()) < 64
+    out = model(sample=noisy, noise=noise, timesteps=t)
+    masked = stage.compute_loss(model, batch, torch.Generator().manual_seed(3))
+    kept = F.mse_loss(out.noise_pred[~picked], noise[~picked])
+    assert masked.logs["noise_loss"] == pytest.approx(float(kept), rel=1e-5)
+    assert float(masked.loss) == pytest.approx(float(kept + 0.3 * out.level_loss), rel=1e-5)
+    assert masked.logs["noise_loss"] != pytest.approx(float(out.noise_loss), rel=1e-3)  # the substituted grids differ
+    args.codebook_substitution_noise_loss = True
+    full = stage.compute_loss(model, batch, torch.Generator().manual_seed(3))
+    assert float(full.loss) == pytest.approx(float(out.loss), rel=1e-5)
+    with pytest.raises(ConfigError, match="codebook_substitution_noise_loss"):
+        KolmogorovDataArguments(codebook_substitution_noise_loss=False)
+
+
 def test_pair_levels_match_the_noise_to_signal_ratio():
     """A pair's level is the one whose (1 - abar) / abar is nearest its mean squared difference: a grid noised like
     a DDPM sample at level t (without the sqrt(abar) scaling, as emulator steps are not scaled) reads near t."""

@@ -76,6 +76,11 @@ class KolmogorovDataArguments:
     # or stay on the codebook (false), so that a grid's overall amplitude is no cue to its level: emulator states are
     # never scaled, and with scaling the classifier reads strong (high-energy) states as clean
     codebook_substitution_scaled: bool = True
+    # false: the noise loss leaves out the substituted grids (the level loss keeps them), so the denoiser learns only
+    # the Gaussian forward process of the true frames, a diffusion model of the invariant measure as in the paper,
+    # while the classifier still learns to read drift that stays on the codebook; for a thermalize step with
+    # renoise, which turns a state into a Gaussian sample at its level first (benchmarks/RESULTS.md, stop 36)
+    codebook_substitution_noise_loss: bool = True
     # share of the thermalizer's training grids that are one emulator step from a true frame (sampled at
     # drift_temperature), paired with the true next frame as the clean grid and read at the level whose noise-to-signal
     # ratio matches their squared error (``pair_levels``): a correction target on the states the thermalizer meets in a
@@ -104,6 +109,9 @@ class KolmogorovDataArguments:
             raise ConfigError("data.drift_rollout_steps and data.drift_trajectories must be >= 1")
         if not 0.0 <= self.codebook_substitution <= 1.0:
             raise ConfigError(f"data.codebook_substitution={self.codebook_substitution} must lie in [0, 1]")
+        if not self.codebook_substitution_noise_loss and self.codebook_substitution <= 0:
+            raise ConfigError("data.codebook_substitution_noise_loss=false leaves the substituted grids out of the noise "
+                              f"loss, but data.codebook_substitution={self.codebook_substitution}: there are none (set it > 0)")
         if not 0.0 <= self.emulator_pairs <= 1.0:
             raise ConfigError(f"data.emulator_pairs={self.emulator_pairs} must lie in [0, 1]")
         if not 0.0 <= self.large_scale_perturbation <= 1.0:
@@ -1049,19 +1057,20 @@ class ThermalizerStage(Stage):
         self._normalized_codebook = vectors[0, :, :, 0].t().detach()
         return self._normalized_codebook
 
-    def corrupt(self, inner, x0, generator, substitution: Optional[float] = None):
+    def corrupt(self, inner, x0, generator, substitution: Optional[float] = None, return_substituted: bool = False):
         """``(noisy, noise target, t)``: Gaussian noise at a uniform level ``t``; on a share ``codebook_substitution``
         of the grids, codebook substitutions at ``substitution_rate(t)`` first (followed by the level's Gaussian
         noise unless ``codebook_substitution_noise`` is false, when the substituted grid is scaled by
         ``sqrt(abar)`` only, or left unscaled with ``codebook_substitution_scaled`` false), with the noise target then the noise that explains the corrupted grid as a level-``t``
         sample of the clean one, ``(x_t - sqrt(abar) x0) / sqrt(1 - abar)`` (so the denoiser learns to undo the
-        substitutions too)."""
+        substitutions too). With ``return_substituted``, a fourth item: which grids were picked for substitutions."""
         sched = self.task.scheduler
         share = self.task.data_args.codebook_substitution if substitution is None else substitution
         t = torch.randint(0, sched.config.num_train_timesteps, (len(x0),), generator=generator).to(x0.device)
         noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
         if share <= 0:
-            return sched.add_noise(x0, noise, t), noise, t
+            out = sched.add_noise(x0, noise, t), noise, t
+            return (*out, torch.zeros(len(x0), dtype=torch.bool, device=x0.device)) if return_substituted else out
         abar = sched.alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1)
         picked = (torch.rand(len(x0), generator=generator) < share).to(x0.device)
         rate = substitution_rate(abar.flatten()) * picked
@@ -1070,7 +1079,8 @@ class ThermalizerStage(Stage):
         if not self.task.data_args.codebook_substitution_noise:
             alone = source if not self.task.data_args.codebook_substitution_scaled else abar.sqrt() * source
             noisy = torch.where(picked.view(-1, 1, 1, 1), alone, noisy)
-        return noisy, (noisy - abar.sqrt() * x0) / (1 - abar).sqrt(), t
+        out = noisy, (noisy - abar.sqrt() * x0) / (1 - abar).sqrt(), t
+        return (*out, picked) if return_substituted else out
 
     def prepared_pairs(self, inner, name: str = "pairs"):
         """``(source, target, level)`` of a prepared pair data set (normalized), with each pair's level
@@ -1087,12 +1097,14 @@ class ThermalizerStage(Stage):
         self._prepared = {**getattr(self, "_prepared", {}), name: (source, target, levels)}
         return self._prepared[name]
 
-    def pair(self, inner, x0, noisy, target, t, generator):
+    def pair(self, inner, x0, noisy, target, t, generator, return_paired: bool = False):
         """Replace a share ``emulator_pairs`` of a corrupted batch by emulator pairs, then a share
         ``large_scale_perturbation`` by perturbed frames. The grid is the pair's source (the emulator's step, or the
         perturbed frame's grid), the clean grid its target (the true next frame, or the frame's own grid), the level
         ``pair_levels`` of the two and the noise target the one that explains the source as a level-``t`` sample of
-        the target, ``(x_t - sqrt(abar) x0) / sqrt(1 - abar)``."""
+        the target, ``(x_t - sqrt(abar) x0) / sqrt(1 - abar)``. With ``return_paired``, a fourth item: which grids
+        were replaced."""
+        paired = torch.zeros(len(x0), dtype=torch.bool, device=x0.device)
         for name, share in (("pairs", self.task.data_args.emulator_pairs),
                             ("perturbed", self.task.data_args.large_scale_perturbation)):
             if share <= 0:
@@ -1105,15 +1117,23 @@ class ThermalizerStage(Stage):
             abar = self.task.scheduler.alphas_cumprod.to(x0.device, x0.dtype)[t].view(-1, 1, 1, 1)
             paired_target = (noisy - abar.sqrt() * truth[idx].to(x0.dtype)) / (1 - abar).sqrt()
             target = torch.where(picked.view(-1, 1, 1, 1), paired_target, target)
-        return noisy, target, t
+            paired |= picked
+        return (noisy, target, t, paired) if return_paired else (noisy, target, t)
 
     def compute_loss(self, model, batch, generator):
         inner = getattr(model, "module", model)
         x0 = inner.normalize(batch["embedding"])
-        noisy, noise, t = self.corrupt(inner, x0, generator)
-        noisy, noise, t = self.pair(inner, x0, noisy, noise, t, generator)
+        noisy, noise, t, substituted = self.corrupt(inner, x0, generator, return_substituted=True)
+        noisy, noise, t, paired = self.pair(inner, x0, noisy, noise, t, generator, return_paired=True)
         out = model(sample=noisy, noise=noise, timesteps=t)
-        return StepOutput(loss=out.loss, logs={"noise_loss": out.noise_loss.item(), "level_loss": out.level_loss.item()},
+        loss, noise_loss = out.loss, out.noise_loss
+        if not self.task.data_args.codebook_substitution_noise_loss:
+            # the noise loss over the grids whose target is Gaussian noise (or a pair's correction) only
+            kept = ~(substituted & ~paired)
+            noise_loss = (F.mse_loss(out.noise_pred[kept].float(), noise[kept].float()) if bool(kept.any())
+                          else out.noise_pred.sum() * 0.0)
+            loss = noise_loss + inner.config.level_loss_weight * out.level_loss
+        return StepOutput(loss=loss, logs={"noise_loss": noise_loss.item(), "level_loss": out.level_loss.item()},
                           num_items=len(x0))
 
     @torch.no_grad()
