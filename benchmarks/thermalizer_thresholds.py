@@ -60,6 +60,9 @@ def main():
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--eta", type=float, default=None,
                         help="the scheduler's eta for every row (DDIM steps; default: the run's, DDPM steps if unset)")
+    parser.add_argument("--renoise", choices=("true", "false"), default=None,
+                        help="the scheduler's renoise for every row (fresh Gaussian noise at the read level before "
+                             "denoising; default: the run's)")
     parser.add_argument("--s-floor", type=int, default=None,
                         help="the scheduler's s_floor for every row: fired states are denoised from at least this level "
                              "(default: the run's, the predicted level if unset)")
@@ -153,12 +156,13 @@ def main():
         steps = saved.config.num_denoising_steps if steps == KEEP else steps
         try:
             # default: the run's
-            extra = {k: v for k, v in (("eta", args.eta), ("s_floor", args.s_floor)) if v is not None}
+            extra = {k: v for k, v in (("eta", args.eta), ("s_floor", args.s_floor),
+                                       ("renoise", None if args.renoise is None else args.renoise == "true")) if v is not None}
             pipe.scheduler = saved.with_config(s_init=s_init, s_stop=s_stop, num_denoising_steps=steps, **extra)
         except ValueError as err:
             raise SystemExit(f"error: pair {s_init}:{s_stop}:{steps}: {err}") from None
         row = {"s_init": s_init, "s_stop": s_stop, "num_denoising_steps": steps, "eta": pipe.scheduler.config.eta,
-               "s_floor": pipe.scheduler.config.s_floor,
+               "s_floor": pipe.scheduler.config.s_floor, "renoise": pipe.scheduler.config.renoise,
                **arm(thermalize=True)}
         row["survival_ratio"] = None if emulator is None else row["median_survival"] / max(emulator["median_survival"], 1.0)
         rows.append(row)

@@ -713,6 +713,11 @@ def test_thresholds_benchmark_rows_do_not_depend_on_the_emulator_arm(tiny_run, t
     assert rounds["pairs"][0]["fire_rate"] == 0 or 1.0 <= rounds["pairs"][0]["rounds_mean"] <= 2.0
     refused = run("no_rounds", "--rounds", "0")
     assert refused.returncode == 2 and "--rounds=0" in refused.stderr
+    # --renoise: the scheduler's option in every row, a different rollout where anything fires
+    renoised = run("renoise", "--skip-emulator", "--renoise", "true")
+    assert renoised["pairs"][0]["renoise"] is True and full["pairs"][0]["renoise"] is False
+    if full["pairs"][0]["fire_rate"] > 0:
+        assert renoised["pairs"][0]["requantized_changes_mean"] != full["pairs"][0]["requantized_changes_mean"]
 
 
 def test_large_scale_part_is_the_band_of_the_field_itself():
