@@ -66,6 +66,9 @@ def main():
     parser.add_argument("--s-floor", type=int, default=None,
                         help="the scheduler's s_floor for every row: fired states are denoised from at least this level "
                              "(default: the run's, the predicted level if unset)")
+    parser.add_argument("--s-ceiling", type=int, default=None,
+                        help="the scheduler's s_ceiling for every row: fired states are denoised from at most this level "
+                             "(default: the run's, the predicted level if unset)")
     parser.add_argument("--candidates", type=int, default=1,
                         help="thermalizations per fired state, the classifier keeping the least noisy (the pipeline's num_candidates)")
     parser.add_argument("--rounds", type=int, default=1,
@@ -156,18 +159,19 @@ def main():
         steps = saved.config.num_denoising_steps if steps == KEEP else steps
         try:
             # default: the run's
-            extra = {k: v for k, v in (("eta", args.eta), ("s_floor", args.s_floor),
+            extra = {k: v for k, v in (("eta", args.eta), ("s_floor", args.s_floor), ("s_ceiling", args.s_ceiling),
                                        ("renoise", None if args.renoise is None else args.renoise == "true")) if v is not None}
             pipe.scheduler = saved.with_config(s_init=s_init, s_stop=s_stop, num_denoising_steps=steps, **extra)
         except ValueError as err:
             raise SystemExit(f"error: pair {s_init}:{s_stop}:{steps}: {err}") from None
         row = {"s_init": s_init, "s_stop": s_stop, "num_denoising_steps": steps, "eta": pipe.scheduler.config.eta,
-               "s_floor": pipe.scheduler.config.s_floor, "renoise": pipe.scheduler.config.renoise,
+               "s_floor": pipe.scheduler.config.s_floor, "s_ceiling": pipe.scheduler.config.s_ceiling,
+               "renoise": pipe.scheduler.config.renoise,
                **arm(thermalize=True)}
         row["survival_ratio"] = None if emulator is None else row["median_survival"] / max(emulator["median_survival"], 1.0)
         rows.append(row)
         ratio = "" if emulator is None else f" (ratio {row['survival_ratio']:.2f})"
-        print(f"s_init {s_init:3d} s_stop {s_stop:3d} num_denoising_steps {steps} eta {row['eta']} s_floor {row['s_floor']}: median survival {row['median_survival']:.0f}"
+        print(f"s_init {s_init:3d} s_stop {s_stop:3d} num_denoising_steps {steps} eta {row['eta']} s_floor {row['s_floor']} s_ceiling {row['s_ceiling']}: median survival {row['median_survival']:.0f}"
               f"{ratio}, exits {row['exits']}, fired {row['fire_rate']:.0%}, "
               f"{row['requantized_changes_mean']:.1f} codes changed per step, late spectrum distance "
               f"{row['spectrum_distance_late']:.3f}", flush=True)

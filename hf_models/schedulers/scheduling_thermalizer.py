@@ -85,6 +85,11 @@ class ThermalizerScheduler(DDPMScheduler):
             level `s` (`s_stop < s_floor < num_train_timesteps`): a deeper, fixed-strength correction of every fired
             state, whatever the classifier read, while `s_init` still decides which states fire. `None` (default, the
             paper's) starts at `s`.
+        s_ceiling (`int`, *optional*): a fired item is denoised from level `min(s, s_ceiling)` (after `s_floor`;
+            `s_stop < s_ceiling < num_train_timesteps`, at least `s_floor`): a state the classifier reads far above
+            the levels where one thermalization keeps a true grid's statistics is corrected as if it read
+            `s_ceiling`, while `s_init` and `s_max` still decide which states fire and stop. `None` (default, the
+            paper's) starts at `s`.
         eta (`float`, *optional*): denoise with DDIM steps of this `eta` instead (`0` deterministic, `1` the DDPM
             posterior's variance): `x_p = sqrt(abar_p) x0_pred + sqrt(1 - abar_p - sigma^2) eps + sigma z` with
             `sigma^2 = eta^2 (1 - abar_p) / (1 - abar_t) (1 - abar_t / abar_p)`. `None` (default) takes DDPM steps.
@@ -125,6 +130,7 @@ class ThermalizerScheduler(DDPMScheduler):
         renoise: bool = False,
         eta: Optional[float] = None,
         s_floor: Optional[int] = None,
+        s_ceiling: Optional[int] = None,
     ):
         if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) or num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps={num_train_timesteps!r} is invalid: expected an int >= 2")
@@ -142,6 +148,15 @@ class ThermalizerScheduler(DDPMScheduler):
             raise ValueError(
                 f"s_floor={s_floor!r} is invalid: expected null (start at the predicted level) or an int with "
                 f"s_stop={s_stop} < s_floor < num_train_timesteps={num_train_timesteps}"
+            )
+        if s_ceiling is not None and (
+            not isinstance(s_ceiling, (int, np.integer)) or isinstance(s_ceiling, bool)
+            or not max(s_stop, (s_floor or 0) - 1) < s_ceiling < num_train_timesteps
+        ):
+            raise ValueError(
+                f"s_ceiling={s_ceiling!r} is invalid: expected null (start at the predicted level) or an int with "
+                f"s_stop={s_stop} < s_ceiling < num_train_timesteps={num_train_timesteps}"
+                + (f" and s_ceiling >= s_floor={s_floor}" if s_floor is not None else "")
             )
         if num_denoising_steps is not None and (
             not isinstance(num_denoising_steps, (int, np.integer)) or isinstance(num_denoising_steps, bool) or num_denoising_steps < 1
@@ -231,8 +246,8 @@ class ThermalizerScheduler(DDPMScheduler):
         """
         One thermalization of a batch of emulator states.
 
-        For every fired item (`s_init < levels <= s_max`), its start level is `levels[i]` (or `max(levels[i],
-        s_floor)` with `s_floor` set); the loop `t = max(start[fired]), ..., s_stop + 1` runs the items with
+        For every fired item (`s_init < levels <= s_max`), its start level is `levels[i]` (raised to `s_floor` and
+        lowered to `s_ceiling` where those are set); the loop `t = max(start[fired]), ..., s_stop + 1` runs the items with
         `start >= t` (only that sub-batch goes through `model`) through one DDPM reverse step `t -> t-1`
         (`self.step`), so item `i` gets exactly `start[i] - s_stop` steps and ends at level `s_stop`.
         Steps are always single levels, whatever `set_timesteps` was called with before (it is restored after).
@@ -268,8 +283,11 @@ class ThermalizerScheduler(DDPMScheduler):
         cfg = self.config
         stopped = levels > cfg.s_max
         fired = (levels > cfg.s_init) & ~stopped
-        # the level each fired item is denoised from (the predicted one, or at least s_floor); read at fired items only
+        # the level each fired item is denoised from (the predicted one, at least s_floor and at most s_ceiling); read
+        # at fired items only
         start_levels = levels if cfg.s_floor is None else levels.clamp_min(cfg.s_floor)
+        if cfg.s_ceiling is not None:
+            start_levels = start_levels.clamp_max(cfg.s_ceiling)
         x = sample.clone()
         if cfg.renoise and bool(fired.any()):
             rows = fired.nonzero().flatten()

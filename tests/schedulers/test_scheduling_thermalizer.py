@@ -481,6 +481,36 @@ def test_s_floor_denoises_fired_items_from_at_least_that_level(num_denoising_ste
             ThermalizerScheduler(num_train_timesteps=200, s_init=10, s_stop=4, s_max=150, s_floor=bad)
 
 
+@pytest.mark.parametrize("num_denoising_steps", [None, 4])
+def test_s_ceiling_denoises_fired_items_from_at_most_that_level(num_denoising_steps, tmp_path):
+    """s_ceiling: a fired item is denoised from min(level, s_ceiling) (after s_floor), exactly as if its level had
+    been given as that; firing and stopping still follow the predicted level, which is returned unchanged."""
+    levels = torch.tensor([30, 2, 12, 250, 18])  # fired above the ceiling, below s_init, fired below it, stopped, between
+    x = torch.randn(5, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    capped = ThermalizerScheduler(s_init=10, s_stop=4, num_denoising_steps=num_denoising_steps, s_ceiling=20)
+    out = capped.thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels)
+    plain = ThermalizerScheduler(s_init=10, s_stop=4, num_denoising_steps=num_denoising_steps)
+    expected = plain.thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1),
+                                levels=torch.tensor([20, 2, 12, 250, 18]))
+    assert torch.equal(out.fired, torch.tensor([True, False, True, False, True])) and torch.equal(out.levels, levels)
+    assert torch.allclose(out.sample, expected.sample, atol=1e-6)
+    assert torch.equal(out.sample[[1, 3]], x[[1, 3]])
+    without = plain.thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels)
+    assert not torch.allclose(out.sample[0], without.sample[0], atol=1e-2)  # the ceiling changed the high item
+    # with a floor: max then min, so a floor equal to the ceiling starts every fired item there
+    both = ThermalizerScheduler(s_init=10, s_stop=4, num_denoising_steps=num_denoising_steps, s_floor=20, s_ceiling=20)
+    fixed = both.thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1), levels=levels)
+    at_20 = plain.thermalize(TinyDenoiser(), x, generator=torch.Generator().manual_seed(1),
+                             levels=torch.tensor([20, 2, 20, 250, 20]))
+    assert torch.allclose(fixed.sample, at_20.sample, atol=1e-6)
+
+    capped.save_config(tmp_path)
+    assert ThermalizerScheduler.from_pretrained(tmp_path).config.s_ceiling == 20
+    for bad, kwargs in ((4, {}), (200, {}), (20.0, {}), (True, {}), (20, {"s_floor": 30})):
+        with pytest.raises(ValueError, match="s_ceiling="):
+            ThermalizerScheduler(num_train_timesteps=200, s_init=10, s_stop=4, s_max=150, s_ceiling=bad, **kwargs)
+
+
 def test_with_config_overrides_keys_a_saved_config_lacks(tmp_path):
     """A scheduler loaded from a config saved before a key existed records that key as defaulted (diffusers'
     `_use_default_values`), and plain `from_config({**config, **overrides})` drops an override of it; `with_config`

@@ -714,8 +714,9 @@ def test_thresholds_benchmark_rows_do_not_depend_on_the_emulator_arm(tiny_run, t
     refused = run("no_rounds", "--rounds", "0")
     assert refused.returncode == 2 and "--rounds=0" in refused.stderr
     # --renoise: the scheduler's option in every row, a different rollout where anything fires
-    renoised = run("renoise", "--skip-emulator", "--renoise", "true")
+    renoised = run("renoise", "--skip-emulator", "--renoise", "true", "--s-ceiling", "10")
     assert renoised["pairs"][0]["renoise"] is True and full["pairs"][0]["renoise"] is False
+    assert renoised["pairs"][0]["s_ceiling"] == 10 and full["pairs"][0]["s_ceiling"] is None
     if full["pairs"][0]["fire_rate"] > 0:
         assert renoised["pairs"][0]["requantized_changes_mean"] != full["pairs"][0]["requantized_changes_mean"]
 

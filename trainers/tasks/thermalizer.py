@@ -42,7 +42,7 @@ ARMS = ("emulator", "thermalizer", "noise_control")
 PERTURBATION_KINDS = ("random", "amplify", "mixed")  # data.perturbation_kind
 
 # the settings of the thermalize step an evaluation may override (default: the saved scheduler's); its results record them
-THRESHOLD_KEYS = ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise", "eta", "s_floor")
+THRESHOLD_KEYS = ("s_init", "s_stop", "s_max", "num_denoising_steps", "renoise", "eta", "s_floor", "s_ceiling")
 
 
 @dataclass
@@ -200,6 +200,7 @@ class ThermalizerEvalArguments:
     renoise: Optional[bool] = None
     eta: Optional[float] = None
     s_floor: Optional[int] = None
+    s_ceiling: Optional[int] = None
     thermalizer_input: str = "sampled"  # or "expected": the emulator's expected embedding (see the pipeline)
     # thermalizations drawn per fired state; the classifier keeps the least noisy (the pipeline's num_candidates)
     num_candidates: int = 1
