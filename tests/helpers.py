@@ -94,7 +94,6 @@ def run_without_latentheat(tmp_path, script, inputs, timeout=300):
     return load_file(tmp_path / "out.safetensors")
 
 
-
 def _in_process(argv, call):
     """Run ``call()`` as the command ``argv`` would run in a fresh interpreter, from the repository root: ``sys.argv``
     is ``argv``, an int returned or a ``SystemExit`` is the exit status (a message goes to stderr with status 1), an

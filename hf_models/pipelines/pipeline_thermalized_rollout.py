@@ -45,6 +45,12 @@ class ThermalizedRolloutOutput(BaseOutput):
     rounds: Optional[torch.Tensor] = None
 
 
+def _check_count(name: str, value, hint: str = "") -> None:
+    """Refuse `value` unless it is an int >= 1 (a bool is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1{hint}")
+
+
 @dataclass
 class ThermalizeCodesOutput(BaseOutput):
     """
@@ -204,21 +210,26 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         size = self.vq_tokenizer.config.codebook_size
         if len(codes) and (codes.min() < 0 or codes.max() >= size):
             raise ValueError(f"codes must lie in [0, {size - 1}] (the codebook), got [{int(codes.min())}, {int(codes.max())}]")
-        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
-            raise ValueError(f"num_candidates={num_candidates!r} is invalid: expected an int >= 1")
+        _check_count("num_candidates", num_candidates)
         if isinstance(generator, (list, tuple)) and len(generator) != len(codes):
             raise ValueError(f"got a list of {len(generator)} generators for {len(codes)} code grids: expected one per grid")
-        self.check_components()
-        embedded = self.vq_tokenizer.embed(codes.to(self.vq_tokenizer.device))
-        sample = self.thermalizer.normalize(embedded.to(self.thermalizer.device))
-        if levels is None:
-            levels = self.thermalizer.predict_level(sample)
-        else:
+        if levels is not None:
             top = self.scheduler.config.num_train_timesteps - 1
-            levels = torch.as_tensor(levels, dtype=torch.long).expand(len(codes)).to(sample.device)
+            levels = torch.as_tensor(levels, dtype=torch.long).expand(len(codes))
             if len(levels) and (levels.min() < 0 or levels.max() > top):
                 raise ValueError(f"levels must lie in [0, {top}] (num_train_timesteps - 1), got "
                                  f"[{int(levels.min())}, {int(levels.max())}]")
+        self.check_components()
+        return self._thermalize_codes(codes, levels, generator, num_candidates, noise_control)
+
+    @torch.no_grad()
+    def _thermalize_codes(self, codes: torch.LongTensor, levels: Optional[torch.Tensor], generator, num_candidates: int,
+                          noise_control: bool) -> ThermalizeCodesOutput:
+        """`thermalize_codes` on checked input (`generator` one per grid when a list)."""
+        n = codes.shape[-1]
+        embedded = self.vq_tokenizer.embed(codes.to(self.vq_tokenizer.device))
+        sample = self.thermalizer.normalize(embedded.to(self.thermalizer.device))
+        levels = self.thermalizer.predict_level(sample) if levels is None else levels.to(sample.device)
         requantized, fired, stopped = self._thermalize(sample, levels, select_generators(generator, range(len(codes)), num_candidates),
                                                        num_candidates, noise_control, n, n)
         fired = fired.cpu()
@@ -289,13 +300,9 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         check_output_type(output_type, allowed=("pt", "np"))
         if thermalizer_input not in ("sampled", "expected"):
             raise ValueError(f"thermalizer_input={thermalizer_input!r} is invalid; allowed: 'sampled', 'expected'")
-        if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-            raise ValueError(f"num_steps={num_steps!r} is invalid: expected an int >= 1")
-        if isinstance(num_candidates, bool) or not isinstance(num_candidates, int) or num_candidates < 1:
-            raise ValueError(f"num_candidates={num_candidates!r} is invalid: expected an int >= 1")
-        if isinstance(thermalize_rounds, bool) or not isinstance(thermalize_rounds, int) or thermalize_rounds < 1:
-            raise ValueError(f"thermalize_rounds={thermalize_rounds!r} is invalid: expected an int >= 1 (1: one "
-                             "thermalization per fired step)")
+        _check_count("num_steps", num_steps)
+        _check_count("num_candidates", num_candidates)
+        _check_count("thermalize_rounds", thermalize_rounds, " (1: one thermalization per fired step)")
         if noise_control and not thermalize:
             raise ValueError("noise_control=True is the control arm of the thermalizer: it needs thermalize=True")
         self.check_components()
@@ -358,9 +365,9 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
                     for _ in range(thermalize_rounds - 1):
                         if not len(active):
                             break
-                        more = self.thermalize_codes(requantized[active.to(requantized.device)].view(-1, h, w),
-                                                     generator=select_generators(noise_generator, rows[active.cpu()]),
-                                                     num_candidates=num_candidates, noise_control=noise_control)
+                        more = self._thermalize_codes(requantized[active.to(requantized.device)].view(-1, h, w), None,
+                                                      select_generators(noise_generator, rows[active.cpu()]),
+                                                      num_candidates, noise_control)
                         active = active[more.fired.to(active.device)]
                         requantized[active.to(requantized.device)] = more.codes[more.fired].flatten(1).to(requantized.device)
                         done[active] += 1

@@ -151,7 +151,7 @@ class ThermalizerScheduler(DDPMScheduler):
             )
         if s_ceiling is not None and (
             not isinstance(s_ceiling, (int, np.integer)) or isinstance(s_ceiling, bool)
-            or not max(s_stop, (s_floor or 0) - 1) < s_ceiling < num_train_timesteps
+            or not s_stop < s_ceiling < num_train_timesteps or (s_floor is not None and s_ceiling < s_floor)
         ):
             raise ValueError(
                 f"s_ceiling={s_ceiling!r} is invalid: expected null (start at the predicted level) or an int with "
