@@ -11,7 +11,8 @@ the reported evaluation starts from. Survival is the task's: steps until enstrop
 true training trajectories as the tokenizer represents them. Each arm draws from a fresh ``torch.Generator`` seeded
 with ``--seed``, so pairs are compared on common random numbers. Each row also gives the late-window energy-spectrum
 distance (the last ``evaluation.late_window`` steps) to the training trajectories, next to the emulator's own for its
-first ``evaluation.early_window`` steps: the quality a pair must keep while it extends survival. Writes ``benchmarks/results/thermalizer_thresholds.json``.
+first ``evaluation.early_window`` steps: the quality a pair must keep while it extends survival; and both shell by
+shell (``spectrum_log_ratio_*``, log10 of the arm's energy over the truth's in shells 1, 2, ...). Writes ``benchmarks/results/thermalizer_thresholds.json``.
 
 ``--skip-emulator`` leaves out the emulator-alone arm (and the ratios): the rows are the same rollouts either way, so
 two thermalizers trained on one emulator are compared by running this on each, the emulator arm on one of them only.
@@ -91,7 +92,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hf_models.metrics.rollout_stability import exit_side, late_window, spectrum_distance
+    from hf_models.metrics.rollout_stability import exit_side, late_window, spectrum_distance, spectrum_log_ratio
     from hf_models.pipelines import ThermalizedRolloutPipeline
     from trainers.arguments import ConfigError
     from trainers.evaluate import load_run_task
@@ -121,6 +122,10 @@ def main():
         late = late_window(frames, window)
         return spectrum_distance(late, reference) if len(late) else float("inf")
 
+    def shells(frames: torch.Tensor) -> list:
+        """log10 E(k) / E_ref(k) per shell k = 1, 2, ... (positive: too much energy at that scale)."""
+        return [round(float(v), 4) for v in spectrum_log_ratio(frames, reference)] if len(frames) else None
+
     def exits(stats: dict, survival: torch.Tensor, stopped_at: torch.Tensor) -> dict:
         """How the rollouts that died did: stopped at `s_max`, or which statistic left its range on which side."""
         counts = {"stopped": 0}
@@ -147,6 +152,8 @@ def main():
                 **firing_statistics(output),  # over the steps each rollout ran
                 "spectrum_distance_late": late_spectrum(output.frames),
                 "spectrum_distance_early": spectrum_distance(output.frames[:, 1: early_window + 1], reference),
+                "spectrum_log_ratio_late": shells(late_window(output.frames, window)),
+                "spectrum_log_ratio_early": shells(output.frames[:, 1: early_window + 1]),
                 "seconds": round(time.perf_counter() - start, 1)}
 
     emulator = None

@@ -40,6 +40,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+from ..validation import check_count, is_int
 from .modeling_abstractinator import AbstractinatorModel
 
 
@@ -50,10 +51,6 @@ DEFAULT_SUBFOLDER = "abstractinator"  # where a latentheat run's output folder k
 _DTYPES = {"float32": torch.float32, "float": torch.float32, "bfloat16": torch.bfloat16,
            "float16": torch.float16, "half": torch.float16}
 _MAX_TOKEN_KEYS = ("max_gen_toks", "max_new_tokens", "max_tokens", "max_completion_tokens")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _to_bytes(text) -> bytes:
@@ -136,20 +133,17 @@ class HierarchicalAELM(LM):
             raise ValueError("hier_ae needs exactly one of pretrained= (a folder or Hub id) and model= (a built "
                              f"AbstractinatorModel); got pretrained={pretrained!r}, model={type(model).__name__}")
         self.batch_size = self._check_batch_size(batch_size)
-        for name, value in (("max_new_codes", max_new_codes),):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1")
+        check_count("max_new_codes", max_new_codes)
         for name, value in (("do_sample", do_sample), ("compute_is_greedy", compute_is_greedy)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name}={value!r} is invalid: expected true or false")
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature={temperature!r} is invalid: expected a number > 0")
-        if top_k is not None and (not _is_int(top_k) or top_k < 1):
-            raise ValueError(f"top_k={top_k!r} is invalid: expected an int >= 1 or None")
+        check_count("top_k", top_k, optional=True)
         if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
                                   or not 0 < top_p <= 1):
             raise ValueError(f"top_p={top_p!r} is invalid: expected a number in (0, 1] or None")
-        if seed is not None and not _is_int(seed):
+        if seed is not None and not is_int(seed):
             raise ValueError(f"seed={seed!r} is invalid: expected an int or None")
         try:
             self._device = torch.device("cpu" if device is None else device)
@@ -185,7 +179,7 @@ class HierarchicalAELM(LM):
         limit = self.config.max_position_embeddings
         if max_length is None:
             max_length = limit
-        if not _is_int(max_length) or not 1 <= max_length <= limit:
+        if not is_int(max_length) or not 1 <= max_length <= limit:
             raise ValueError(f"max_length={max_length!r} is invalid: expected an int in [1, max_position_embeddings="
                              f"{limit}]")
         self.max_length = max_length
@@ -206,8 +200,7 @@ class HierarchicalAELM(LM):
                 return 8
             if batch_size.strip().isdigit():
                 batch_size = int(batch_size)
-        if not _is_int(batch_size) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} is invalid: expected an int >= 1")
+        check_count("batch_size", batch_size)
         return batch_size
 
     @staticmethod

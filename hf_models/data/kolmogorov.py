@@ -70,6 +70,8 @@ from typing import Optional, Tuple, Union
 import numpy as np
 import torch
 
+from hf_models.validation import check_count
+
 DATA_FORMAT_VERSION = 1
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
@@ -503,8 +505,7 @@ def build_kolmogorov_dataset(config: KolmogorovConfig, num_train_trajectories: i
 
     for name, value in (("num_train_trajectories", num_train_trajectories),
                         ("num_test_trajectories", num_test_trajectories), ("chunk_size", chunk_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        check_count(name, value)
     test_seed = config.seed + TEST_SEED_OFFSET if test_seed is None else int(test_seed)
     if test_seed == config.seed:
         raise ValueError(f"test_seed={test_seed} must differ from config.seed={config.seed}")

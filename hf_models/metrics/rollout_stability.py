@@ -8,7 +8,8 @@ like with like: statistics of the emulator's frames against the same statistics 
 - `survival_steps`: per trajectory, the first rollout step whose statistic leaves that interval (or is not finite,
   or the rollout was stopped); trajectories that never leave count the full length (censored).
 - `late_window`: the last frames of the trajectories still finite there (what late-window statistics are taken on).
-- `spectrum_distance`: mean absolute difference of ``log10`` ensemble energy spectra over the resolved shells.
+- `spectrum_distance`: mean absolute difference of ``log10`` ensemble energy spectra over the resolved shells;
+  `spectrum_log_ratio` gives that difference shell by shell.
 - `histogram_distance`: 1-D Wasserstein-1 distance between two samples of a statistic, in units of the
   reference's standard deviation (0 = same distribution; 1 = shifted by one standard deviation).
 - `short_term_correlation`: per step, the pattern (Pearson) correlation between predicted and true frames,
@@ -111,21 +112,28 @@ def mean_spectrum(frames) -> tuple[torch.Tensor, torch.Tensor]:
     return k, spectrum.mean(0)
 
 
-def spectrum_distance(frames, reference, max_wavenumber: Optional[int] = None) -> float:
-    """Mean over shells ``1..max_wavenumber`` (default ``N/3``, the solver's resolved band) of
-    ``|log10 E(k) - log10 E_ref(k)|`` of the ensemble-mean spectra. Non-finite frames give ``inf``."""
+def spectrum_log_ratio(frames, reference, max_wavenumber: Optional[int] = None) -> torch.Tensor:
+    """Per shell ``k = 1..max_wavenumber`` (default ``N/3``, the solver's resolved band), ``log10 E(k) - log10
+    E_ref(k)`` of the ensemble-mean spectra ``(max_wavenumber,)``: where an arm's spectrum error lies (positive:
+    too much energy at that scale). Non-finite frames give ``inf`` in every shell."""
     frames, reference = _frames(frames), _frames(reference)
-    if not torch.isfinite(frames).all():
-        return float("inf")
     n = frames.shape[-1]
     kmax = int(max_wavenumber or n // 3)
+    if not torch.isfinite(frames).all():
+        return torch.full((kmax,), float("inf"), dtype=torch.float64)
     _, e = mean_spectrum(frames)
     _, e_ref = mean_spectrum(reference)
     if kmax >= min(len(e), len(e_ref)):
         raise ValueError(f"max_wavenumber={kmax} is beyond the spectra ({min(len(e), len(e_ref)) - 1} shells)")
     tiny = 1e-300
-    diff = (torch.log10(e[1 : kmax + 1] + tiny) - torch.log10(e_ref[1 : kmax + 1] + tiny)).abs()
-    return float(diff.mean())
+    return (torch.log10(e[1 : kmax + 1] + tiny) - torch.log10(e_ref[1 : kmax + 1] + tiny)).double()
+
+
+def spectrum_distance(frames, reference, max_wavenumber: Optional[int] = None) -> float:
+    """Mean over shells ``1..max_wavenumber`` (default ``N/3``, the solver's resolved band) of
+    ``|log10 E(k) - log10 E_ref(k)|`` of the ensemble-mean spectra (`spectrum_log_ratio`). Non-finite frames give
+    ``inf``."""
+    return float(spectrum_log_ratio(frames, reference, max_wavenumber).abs().mean())
 
 
 def histogram_distance(values, reference) -> float:
@@ -217,6 +225,7 @@ __all__ = [
     "median_ratio_interval",
     "short_term_correlation",
     "spectrum_distance",
+    "spectrum_log_ratio",
     "statistic_range",
     "survival_steps",
 ]

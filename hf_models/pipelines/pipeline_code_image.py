@@ -8,6 +8,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 
+from ..validation import check_count
 from .pipeline_utils import LatentheatPipelineMixin, check_output_type
 
 
@@ -43,8 +44,7 @@ class CodeImagePipeline(LatentheatPipelineMixin, DiffusionPipeline):
 
     def _class_labels(self, class_labels, num_images_per_label: int, batch_size: Optional[int]) -> Optional[torch.Tensor]:
         num_classes = self.code_gpt.config.num_classes
-        if num_images_per_label < 1:
-            raise ValueError(f"num_images_per_label={num_images_per_label} must be >= 1")
+        check_count("num_images_per_label", num_images_per_label)
         if num_classes == 0:
             if class_labels is not None:
                 raise ValueError("this code GPT is unconditional (num_classes=0): pass batch_size, not class_labels")
@@ -89,8 +89,7 @@ class CodeImagePipeline(LatentheatPipelineMixin, DiffusionPipeline):
         check_output_type(output_type)
         labels = self._class_labels(class_labels, num_images_per_label, batch_size)
         if labels is None:
-            if batch_size is None or batch_size < 1:
-                raise ValueError(f"batch_size={batch_size} must be >= 1 for an unconditional model")
+            check_count("batch_size", batch_size, hint=" for an unconditional model")
         else:
             labels = labels.to(self.device)
         h = w = self.vq_tokenizer.config.latent_size

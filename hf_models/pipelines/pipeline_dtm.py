@@ -8,6 +8,7 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.image_processor import VaeImageProcessor
 
+from ..validation import check_count
 from .pipeline_utils import LatentheatPipelineMixin, check_output_type
 
 
@@ -44,8 +45,7 @@ class DTMPipeline(LatentheatPipelineMixin, DiffusionPipeline):
 
     def check_inputs(self, batch_size, latents, callback_on_step_end_tensor_inputs):
         config = self.dtm.config
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} is invalid: expected an int >= 1")
+        check_count("batch_size", batch_size)
         if self.scheduler.config.num_train_timesteps != config.num_train_timesteps:
             raise ValueError(
                 f"scheduler.config.num_train_timesteps={self.scheduler.config.num_train_timesteps} does not match "

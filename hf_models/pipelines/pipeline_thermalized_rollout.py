@@ -11,6 +11,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from ..schedulers.scheduling_thermalizer import select_generators
+from ..validation import check_count
 from .pipeline_utils import LatentheatPipelineMixin, check_output_type
 
 
@@ -43,12 +44,6 @@ class ThermalizedRolloutOutput(BaseOutput):
     stopped_at: torch.Tensor
     ended_at: Optional[torch.Tensor] = None
     rounds: Optional[torch.Tensor] = None
-
-
-def _check_count(name: str, value, hint: str = "") -> None:
-    """Refuse `value` unless it is an int >= 1 (a bool is not a count)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is invalid: expected an int >= 1{hint}")
 
 
 @dataclass
@@ -210,7 +205,7 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         size = self.vq_tokenizer.config.codebook_size
         if len(codes) and (codes.min() < 0 or codes.max() >= size):
             raise ValueError(f"codes must lie in [0, {size - 1}] (the codebook), got [{int(codes.min())}, {int(codes.max())}]")
-        _check_count("num_candidates", num_candidates)
+        check_count("num_candidates", num_candidates)
         if isinstance(generator, (list, tuple)) and len(generator) != len(codes):
             raise ValueError(f"got a list of {len(generator)} generators for {len(codes)} code grids: expected one per grid")
         if levels is not None:
@@ -300,9 +295,9 @@ class ThermalizedRolloutPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         check_output_type(output_type, allowed=("pt", "np"))
         if thermalizer_input not in ("sampled", "expected"):
             raise ValueError(f"thermalizer_input={thermalizer_input!r} is invalid; allowed: 'sampled', 'expected'")
-        _check_count("num_steps", num_steps)
-        _check_count("num_candidates", num_candidates)
-        _check_count("thermalize_rounds", thermalize_rounds, " (1: one thermalization per fired step)")
+        check_count("num_steps", num_steps)
+        check_count("num_candidates", num_candidates)
+        check_count("thermalize_rounds", thermalize_rounds, hint=" (1: one thermalization per fired step)")
         if noise_control and not thermalize:
             raise ValueError("noise_control=True is the control arm of the thermalizer: it needs thermalize=True")
         self.check_components()

@@ -9,6 +9,7 @@ import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from ..validation import check_count
 from .pipeline_utils import LatentheatPipelineMixin
 
 OUTPUT_TYPES = ("str", "pt", "latent")
@@ -144,13 +145,11 @@ class TokComPipeline(LatentheatPipelineMixin, DiffusionPipeline):
         cfg = self.denoiser.config
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} is not supported; allowed: {', '.join(OUTPUT_TYPES)}")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an int >= 1")
+        check_count("num_inference_steps", num_inference_steps)
         device, dtype = self._execution_device, self.denoiser.dtype
         if latents is None:
             num_chunks = cfg.max_chunks if num_chunks is None else num_chunks
-            if not isinstance(batch_size, int) or batch_size < 1:
-                raise ValueError(f"batch_size={batch_size!r} must be an int >= 1")
+            check_count("batch_size", batch_size)
             if not isinstance(num_chunks, int) or not 1 <= num_chunks <= cfg.max_chunks:
                 raise ValueError(f"num_chunks={num_chunks!r} must be an int in [1, max_chunks={cfg.max_chunks}]")
             noise = torch.randn((batch_size, num_chunks, cfg.latent_size), generator=generator, dtype=torch.float32)

@@ -9,6 +9,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 
 from ..dtm.gibbs import DTMStepParameters, bitflip_schedule, flip_spins, gibbs_sweeps, thrml_gibbs_sweeps
+from ..validation import check_count
 
 
 BACKENDS = ("torch", "thrml")
@@ -66,10 +67,8 @@ class DTMScheduler(SchedulerMixin, ConfigMixin):
         sweeps_per_step: int = 6,
         backend: str = "torch",
     ):
-        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps={num_train_timesteps!r} is invalid: expected an int >= 1")
-        if not isinstance(sweeps_per_step, int) or sweeps_per_step < 1:
-            raise ValueError(f"sweeps_per_step={sweeps_per_step!r} is invalid: expected an int >= 1")
+        check_count("num_train_timesteps", num_train_timesteps)
+        check_count("sweeps_per_step", sweeps_per_step)
         if not bitflip_rate > 0:
             raise ValueError(f"bitflip_rate={bitflip_rate!r} is invalid: expected > 0")
         if not 0 < log_grid_min_time < 1:

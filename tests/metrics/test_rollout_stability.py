@@ -16,6 +16,7 @@ from hf_models.metrics.rollout_stability import (
     median_ratio_interval,
     short_term_correlation,
     spectrum_distance,
+    spectrum_log_ratio,
     statistic_range,
     survival_steps,
 )
@@ -143,6 +144,20 @@ def test_spectrum_distance_averages_over_the_resolved_shells_only():
     assert spectrum_distance(b, a, max_wavenumber=2) == pytest.approx(math.log10(4) / 2, rel=1e-9)
     # a mode beyond the resolved band is invisible
     assert spectrum_distance(a + torch.cos(5 * y), a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_spectrum_log_ratio_is_signed_per_shell_and_averages_to_the_distance():
+    y, x = grid(12)
+    a = (torch.cos(x) + torch.sin(2 * y) + torch.cos(3 * x) + torch.cos(4 * y))[None]
+    b = a + torch.sin(2 * y)[None]  # shell 2 has 4 times the energy, the others are unchanged
+    ratio = spectrum_log_ratio(b, a)
+    assert ratio.shape == (4,)
+    assert ratio.tolist() == pytest.approx([0.0, math.log10(4), 0.0, 0.0], abs=1e-9)
+    assert spectrum_log_ratio(a, b)[1] == pytest.approx(-math.log10(4), rel=1e-9)  # too little energy: negative
+    assert float(ratio.abs().mean()) == pytest.approx(spectrum_distance(b, a), rel=1e-12)
+    assert torch.isinf(spectrum_log_ratio(torch.full_like(a, float("nan")), a)).all()
+    with pytest.raises(ValueError, match="max_wavenumber=100"):
+        spectrum_log_ratio(a, a, max_wavenumber=100)
 
 
 def test_spectrum_distance_inf_for_nan_and_errors():

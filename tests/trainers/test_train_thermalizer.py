@@ -118,6 +118,7 @@ def test_evaluation_numbers_are_reproduced_from_the_saved_pipeline(tiny_run):
         flow_statistics,
         median_ratio_interval,
         spectrum_distance,
+        spectrum_log_ratio,
         statistic_range,
         survival_steps,
     )
@@ -146,6 +147,11 @@ def test_evaluation_numbers_are_reproduced_from_the_saved_pipeline(tiny_run):
         late = late[torch.isfinite(late).flatten(1).all(1)]
         if len(late):
             assert abs(spectrum_distance(late, data["test"]) - results[f"spectrum_distance_{arm}"]) < 1e-9, arm
+            ratio = spectrum_log_ratio(late, data["test"])  # shell by shell, rounded to 5 digits in the results
+            assert len(results[f"spectrum_log_ratio_{arm}"]) == len(ratio) == data["test"].shape[-1] // 3
+            assert torch.allclose(torch.tensor(results[f"spectrum_log_ratio_{arm}"], dtype=torch.float64), ratio, atol=1e-5)
+        else:
+            assert results[f"spectrum_log_ratio_{arm}"] is None
         ran = (out.codes[:, 1:] >= 0).flatten(2).all(-1)  # the steps each rollout made (none after a stop)
         assert abs(out.fired[ran].float().mean().item() - results[f"fire_rate_{arm}"]) < 1e-9
         assert results[f"steps_run_{arm}"] == int(ran.sum())
@@ -703,8 +709,15 @@ def test_thresholds_benchmark_rows_do_not_depend_on_the_emulator_arm(tiny_run, t
     assert refused.returncode == 2 and "nothing to roll out" in refused.stderr
     assert full["emulator"] is not None and len(full["emulator"]["survival"]) == 4
     assert alone["emulator"] is None and alone["pairs"][0]["survival_ratio"] is None
-    for key in ("survival", "fire_rate", "requantized_changes_mean", "spectrum_distance_late"):
+    for key in ("survival", "fire_rate", "requantized_changes_mean", "spectrum_distance_late", "spectrum_log_ratio_late"):
         assert alone["pairs"][0][key] == full["pairs"][0][key], key
+    # the shell-by-shell spectrum (shells 1..N/3) averages, in absolute value, to the distance
+    for window in ("early", "late"):
+        shells = full["emulator"][f"spectrum_log_ratio_{window}"]
+        if shells is not None:
+            assert len(shells) == 16 // 3  # the tiny file's 16x16 frames
+            mean = sum(abs(v) for v in shells) / len(shells)
+            assert abs(mean - full["emulator"][f"spectrum_distance_{window}"]) < 1e-3, window
     assert full["pairs"][0]["survival_ratio"] == full["pairs"][0]["median_survival"] / max(full["emulator"]["median_survival"], 1.0)
     # --rounds: the pipeline's thermalize_rounds in every row, counted per fired step
     rounds = run("rounds", "--skip-emulator", "--rounds", "2")

@@ -162,6 +162,10 @@ class KolmogorovDataArguments:
         return out
 
 
+def _rounded(values, digits: int = 5) -> list:
+    return [round(float(v), digits) for v in values]
+
+
 def firing_statistics(output) -> dict:
     """How often a rollout output's thermalizer fired (``fire_rate``) and how many codes its re-quantization changed
     per step (``requantized_changes_mean``), over the steps each rollout ran (``steps_run``; not the steps after a
@@ -565,6 +569,7 @@ class ThermalizerTask(Task):
             histogram_distance,
             late_window,
             spectrum_distance,
+            spectrum_log_ratio,
         )
 
         late = late_window(output.frames, self.eval_args.late_window)
@@ -572,6 +577,8 @@ class ThermalizerTask(Task):
         late_codes = late_codes[late_codes >= 0]
         return {
             "spectrum_distance": spectrum_distance(late, test) if len(late) else float("inf"),
+            # shell by shell (k = 1, 2, ...): where the distance lies, positive where the arm has too much energy
+            "spectrum_log_ratio": _rounded(spectrum_log_ratio(late, test)) if len(late) else None,
             "enstrophy_histogram_distance": histogram_distance(flow_statistics(late)["enstrophy"], test_enstrophy) if len(late) else float("inf"),
             "codebook_usage_distance": codebook_usage_distance(late_codes, test_codes, codebook_size) if len(late_codes) else 1.0,
         }
@@ -588,6 +595,7 @@ class ThermalizerTask(Task):
             median_ratio_interval,
             short_term_correlation,
             spectrum_distance,
+            spectrum_log_ratio,
             statistic_range,
         )
 
@@ -628,6 +636,7 @@ class ThermalizerTask(Task):
             "survival_ranges": {k: list(v) for k, v in ranges.items()},
             "survival_ranges_raw_truth": {k: list(statistic_range(flow_statistics(train)[k], ev.range_margin)) for k in ranges},
             "spectrum_distance_vq_reconstruction": spectrum_distance(reconstructed_truth, test),
+            "spectrum_log_ratio_vq_reconstruction": _rounded(spectrum_log_ratio(reconstructed_truth, test)),
             "enstrophy_histogram_distance_vq_reconstruction": histogram_distance(flow_statistics(reconstructed_truth)["enstrophy"], test_enstrophy),
         }
         curves = {}
@@ -642,7 +651,7 @@ class ThermalizerTask(Task):
                 f"mean_survival_{arm}": float(survival.float().mean()),
                 f"survived_full_rollout_{arm}": int((survival == ev.rollout_steps).sum()),
                 **{f"{name}_{arm}": v for name, v in self.late_statistics(output, test, test_enstrophy, test_codes, size).items()},
-                f"short_term_correlation_{arm}": [round(float(c), 5) for c in corr],
+                f"short_term_correlation_{arm}": _rounded(corr),
                 f"short_term_correlation_mean_{arm}": float(corr.mean()),
                 **{f"{name}_{arm}": value for name, value in firing_statistics(output).items()},
                 f"stopped_{arm}": int((output.stopped_at >= 0).sum()),
@@ -651,6 +660,7 @@ class ThermalizerTask(Task):
             curves[arm] = {"survival": survival, "stats": stats, "levels": output.levels}
         early = arms["emulator"].frames[:, 1: ev.early_window + 1]
         results["spectrum_distance_emulator_early"] = spectrum_distance(early, test)
+        results["spectrum_log_ratio_emulator_early"] = _rounded(spectrum_log_ratio(early, test))
         results["enstrophy_histogram_distance_emulator_early"] = histogram_distance(flow_statistics(early)["enstrophy"], test_enstrophy)
         results["survival_ratio"] = results["median_survival_thermalizer"] / max(results["median_survival_emulator"], 1.0)
         # how far the ratio can be trusted on this many initial conditions: a paired bootstrap over them (each with
