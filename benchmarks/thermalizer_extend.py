@@ -14,7 +14,7 @@ The survival ratio is ``median(thermalizer) / median(emulator)`` (lower medians)
 bootstrap interval. Writes ``benchmarks/results/NAME.json`` (default ``thermalizer_extend``).
 
 At the evaluation's length or shorter (``--steps`` at most its ``rollout_steps``) the emulator arm is known even where
-a rollout is still in range (both arms are capped there), so a new arm (``--candidates``, ``--s-floor``) can be read
+a rollout is still in range (both arms are capped there), so a new arm (``--candidates``, ``--s-floor``, ``--s-ceiling``) can be read
 against it at that length.
 
 ``--eval-results FILE`` reads the evaluation from another file than the run's ``eval_results.json`` (the copy a run
@@ -22,7 +22,7 @@ keeps in ``benchmarks/results``, for a run re-trained without its evaluation); i
 run's evaluation settings. ``--s-floor N`` rolls out the thermalizer arm with that floor instead of the evaluation's
 (a threshold tuned after the evaluation was read): the emulator arm does not depend on the thermalizer's thresholds,
 so it is still the evaluation's, but the thermalizer arm is a new one and cannot be checked against the evaluation's
-(``repeats_the_evaluation`` is then false). ``--candidates K`` does the same for the pipeline's ``num_candidates``
+(``repeats_the_evaluation`` is then false); ``--s-ceiling N`` likewise. ``--candidates K`` does the same for the pipeline's ``num_candidates``
 (best of K thermalizations of each fired state, by the classifier), and ``--rounds R`` for its ``thermalize_rounds``
 (up to R thermalizations of a fired step while the classifier still reads drift).
 
@@ -113,6 +113,8 @@ def main():
                         help="the evaluation to extend (default: OUTPUT_DIR/eval_results.json), written with the run's settings")
     parser.add_argument("--s-floor", type=int, default=None,
                         help="thermalize with this s_floor instead of the evaluation's (the arm is then not a repeat)")
+    parser.add_argument("--s-ceiling", type=int, default=None,
+                        help="thermalize with this s_ceiling instead of the evaluation's (the arm is then not a repeat)")
     parser.add_argument("--candidates", type=int, default=None,
                         help="thermalize with this num_candidates instead of the evaluation's (the arm is then not a repeat)")
     parser.add_argument("--rounds", type=int, default=None,
@@ -166,9 +168,8 @@ def main():
     pipe = ThermalizedRolloutPipeline.from_pretrained(str(out))
     pipe.set_progress_bar_config(disable=True)
     thresholds = {k: saved[k] for k in THRESHOLD_KEYS if saved.get(k) is not None}
-    changed = {}
-    if args.s_floor is not None and args.s_floor != thresholds.get("s_floor"):
-        changed = {"s_floor": args.s_floor}
+    changed = {name: value for name, value in (("s_floor", args.s_floor), ("s_ceiling", args.s_ceiling))
+               if value is not None and value != thresholds.get(name)}
     try:
         pipe.scheduler = pipe.scheduler.with_config(**{**thresholds, **changed})
     except ValueError as err:  # the scheduler names the allowed range

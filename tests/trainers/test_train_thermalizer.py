@@ -685,6 +685,15 @@ def test_extend_benchmark_with_another_floor_keeps_the_emulator_arm(tiny_run, tm
     proc, result_file = extend(saved["s_stop"] + 5, "no_rounds", "--rounds", "0")
     assert proc.returncode != 0 and "--rounds=0" in proc.stderr and ">= 1" in proc.stderr, proc.stderr
     assert not result_file.exists()
+    # --s-ceiling: fired states denoised from at most this level, a new arm; one below the floor is refused by name
+    proc, result_file = extend(saved["s_stop"] + 5, "ceiling", "--s-ceiling", str(saved["s_stop"] + 7))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(result_file.read_text())
+    assert result["s_ceiling"] == saved["s_stop"] + 7 and result["changed_thresholds"] == ["s_ceiling", "s_floor"]
+    assert result["survival_emulator"] == saved["survival_emulator"]
+    proc, result_file = extend(saved["s_stop"] + 5, "low_ceiling", "--s-ceiling", str(saved["s_stop"] + 3))
+    assert proc.returncode != 0 and "s_ceiling" in proc.stderr and "s_floor" in proc.stderr, proc.stderr
+    assert not result_file.exists()
 
 
 def test_thresholds_benchmark_rows_do_not_depend_on_the_emulator_arm(tiny_run, tmp_path):
