@@ -16,7 +16,8 @@ Rows (each decoded by the run's VQ tokenizer and compared with ``--reference-fra
 - ``iterated_{n}``: the pipeline's step with an identity emulator, ``n`` times: each round the classifier reads the
   grid and the fired ones are thermalized and re-quantized (fire rate and mean level in the row).
 
-Each row gives the spectrum distance and the enstrophy-histogram distance (the evaluation's metrics), the mean energy
+Each row gives the spectrum distance (and shell by shell, ``spectrum_log_ratio``: log10 of the row's energy over the
+truth's in shells 1, 2, ...) and the enstrophy-histogram distance (the evaluation's metrics), the mean energy
 over the true frames' (``energy_ratio``) and the fraction of codes changed from the clean grids. Writes
 ``benchmarks/results/NAME.json`` (default ``thermalizer_measure``). The training split is the default reference, so
 choices made from these rows leave the test split unseen.
@@ -72,7 +73,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hf_models.metrics.rollout_stability import flow_statistics, histogram_distance, spectrum_distance
+    from hf_models.metrics.rollout_stability import flow_statistics, histogram_distance, spectrum_log_ratio
     from hf_models.pipelines import ThermalizedRolloutPipeline
     from hf_models.schedulers import ThermalizerScheduler
     from trainers.tasks.thermalizer import THRESHOLD_KEYS
@@ -115,7 +116,9 @@ def main():
     def row(codes: torch.LongTensor, **extra) -> dict:
         frames = pipe.decode_codes(codes)
         stats = flow_statistics(frames)
-        return {"spectrum_distance": spectrum_distance(frames, reference),
+        shells = spectrum_log_ratio(frames, reference)
+        return {"spectrum_distance": float(shells.abs().mean()),
+                "spectrum_log_ratio": [round(float(v), 4) for v in shells],
                 "enstrophy_histogram_distance": histogram_distance(stats["enstrophy"], reference_stats["enstrophy"]),
                 "energy_ratio": float(stats["energy"].mean() / reference_stats["energy"].mean()),
                 "codes_changed": float((codes != clean_codes).float().mean()), **extra}

@@ -853,6 +853,9 @@ def test_measure_benchmark_rows_start_from_the_tokenizer_floor(tiny_run, tmp_pat
     assert rows["unconditional"]["steps"] == 4 and rows["unconditional"]["codes_changed"] > 0
     for name, row in rows.items():
         assert all(math.isfinite(row[k]) and row[k] >= 0 for k in ("spectrum_distance", "enstrophy_histogram_distance", "energy_ratio")), name
+        # shell by shell (the tiny file's 16x16 frames: shells 1..5), averaging to the distance in absolute value
+        assert len(row["spectrum_log_ratio"]) == 16 // 3, name
+        assert abs(sum(abs(v) for v in row["spectrum_log_ratio"]) / 5 - row["spectrum_distance"]) < 1e-3, name
     assert rows["iterated_2"]["rounds"] == 2 and 0 <= rows["iterated_2"]["fired"] <= 1
     result_file.unlink()
     top = config["num_train_timesteps"]
