@@ -12,7 +12,8 @@ true training trajectories as the tokenizer represents them. Each arm draws from
 with ``--seed``, so pairs are compared on common random numbers. Each row also gives the late-window energy-spectrum
 distance (the last ``evaluation.late_window`` steps) to the training trajectories, next to the emulator's own for its
 first ``evaluation.early_window`` steps: the quality a pair must keep while it extends survival; and both shell by
-shell (``spectrum_log_ratio_*``, log10 of the arm's energy over the truth's in shells 1, 2, ...). Writes ``benchmarks/results/thermalizer_thresholds.json``.
+shell (``spectrum_log_ratio_*``, log10 of the arm's energy over the truth's in shells 1, 2, ...). ``--late-window`` and
+``--early-window`` set the two windows instead of the run's (a run trained with a cut evaluation has cut windows). Writes ``benchmarks/results/thermalizer_thresholds.json``.
 
 ``--skip-emulator`` leaves out the emulator-alone arm (and the ratios): the rows are the same rollouts either way, so
 two thermalizers trained on one emulator are compared by running this on each, the emulator arm on one of them only.
@@ -59,6 +60,12 @@ def main():
                         help="independent rollouts from each initial condition (pooled in the medians)")
     parser.add_argument("--steps", type=int, default=400, help="emulator steps per rollout")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--late-window", type=int, default=None,
+                        help="steps at the end of each rollout the late spectrum is taken over (default: the run's "
+                             "evaluation.late_window, which a run trained with a cut evaluation has cut too)")
+    parser.add_argument("--early-window", type=int, default=None,
+                        help="first steps of each rollout the early spectrum is taken over (default: the run's "
+                             "evaluation.early_window)")
     parser.add_argument("--eta", type=float, default=None,
                         help="the scheduler's eta for every row (DDIM steps; default: the run's, DDPM steps if unset)")
     parser.add_argument("--renoise", choices=("true", "false"), default=None,
@@ -87,6 +94,9 @@ def main():
     args = parser.parse_args()
     if args.skip_emulator and not args.pairs:
         parser.error("--skip-emulator with no --pairs leaves nothing to roll out")
+    for name in ("late_window", "early_window"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
     if args.rounds < 1:
         parser.error(f"--rounds={args.rounds} must be >= 1 (1: one thermalization per fired step)")
     if args.threads:
@@ -114,9 +124,9 @@ def main():
     initial = task.rollout_initial_frames()
     # the spectra are compared with the training trajectories too: the test split stays unseen
     reference = task.frames("train").flatten(0, 1)
-    window = min(task.eval_args.late_window, args.steps)
+    window = min(task.eval_args.late_window if args.late_window is None else args.late_window, args.steps)
     temperature = task.eval_args.temperature if args.temperature is None else args.temperature
-    early_window = min(task.eval_args.early_window, args.steps)
+    early_window = min(task.eval_args.early_window if args.early_window is None else args.early_window, args.steps)
 
     def late_spectrum(frames: torch.Tensor) -> float:
         late = late_window(frames, window)

@@ -735,6 +735,13 @@ def test_thresholds_benchmark_rows_do_not_depend_on_the_emulator_arm(tiny_run, t
     assert rounds["pairs"][0]["fire_rate"] == 0 or 1.0 <= rounds["pairs"][0]["rounds_mean"] <= 2.0
     refused = run("no_rounds", "--rounds", "0")
     assert refused.returncode == 2 and "--rounds=0" in refused.stderr
+    # --late-window / --early-window: the spectra's windows instead of the run's
+    windows = run("windows", "--skip-emulator", "--late-window", "5", "--early-window", "3")
+    assert (windows["late_window"], windows["early_window"]) == (5, 3)
+    assert (full["late_window"], full["early_window"]) != (5, 3)
+    assert windows["pairs"][0]["survival"] == full["pairs"][0]["survival"]
+    refused = run("no_window", "--late-window", "0")
+    assert refused.returncode == 2 and "--late-window=0" in refused.stderr
     # --renoise: the scheduler's option in every row, a different rollout where anything fires
     renoised = run("renoise", "--skip-emulator", "--renoise", "true", "--s-ceiling", "10")
     assert renoised["pairs"][0]["renoise"] is True and full["pairs"][0]["renoise"] is False
