@@ -102,7 +102,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from hf_models.metrics.rollout_stability import exit_side, late_window, spectrum_distance, spectrum_log_ratio
+    from hf_models.metrics.rollout_stability import exit_side, late_window, spectrum_log_ratio
     from hf_models.pipelines import ThermalizedRolloutPipeline
     from trainers.arguments import ConfigError
     from trainers.evaluate import load_run_task
@@ -128,13 +128,14 @@ def main():
     temperature = task.eval_args.temperature if args.temperature is None else args.temperature
     early_window = min(task.eval_args.early_window if args.early_window is None else args.early_window, args.steps)
 
-    def late_spectrum(frames: torch.Tensor) -> float:
-        late = late_window(frames, window)
-        return spectrum_distance(late, reference) if len(late) else float("inf")
-
-    def shells(frames: torch.Tensor) -> list:
-        """log10 E(k) / E_ref(k) per shell k = 1, 2, ... (positive: too much energy at that scale)."""
-        return [round(float(v), 4) for v in spectrum_log_ratio(frames, reference)] if len(frames) else None
+    def spectrum(frames: torch.Tensor, name: str) -> dict:
+        """The spectrum distance of ``frames`` to the reference and the same shell by shell (log10 E(k) / E_ref(k),
+        k = 1, 2, ...; positive: too much energy at that scale), from one computation; inf / None without frames."""
+        if not len(frames):
+            return {f"spectrum_distance_{name}": float("inf"), f"spectrum_log_ratio_{name}": None}
+        ratio = spectrum_log_ratio(frames, reference)
+        return {f"spectrum_distance_{name}": float(ratio.abs().mean()),
+                f"spectrum_log_ratio_{name}": [round(float(v), 4) for v in ratio]}
 
     def exits(stats: dict, survival: torch.Tensor, stopped_at: torch.Tensor) -> dict:
         """How the rollouts that died did: stopped at `s_max`, or which statistic left its range on which side."""
@@ -160,10 +161,8 @@ def main():
         return {"median_survival": float(survival.float().median()), "mean_survival": float(survival.float().mean()),
                 "survival": survival.tolist(), **exits(stats, survival, output.stopped_at),
                 **firing_statistics(output),  # over the steps each rollout ran
-                "spectrum_distance_late": late_spectrum(output.frames),
-                "spectrum_distance_early": spectrum_distance(output.frames[:, 1: early_window + 1], reference),
-                "spectrum_log_ratio_late": shells(late_window(output.frames, window)),
-                "spectrum_log_ratio_early": shells(output.frames[:, 1: early_window + 1]),
+                **spectrum(late_window(output.frames, window), "late"),
+                **spectrum(output.frames[:, 1: early_window + 1], "early"),
                 "seconds": round(time.perf_counter() - start, 1)}
 
     emulator = None
